@@ -1,0 +1,138 @@
+"""The three-layer Meta-LoRA adapter: ``delta_W = scale * Up @ Mid @ Down``.
+
+``Down`` (LoMD, ``rank_down x in``) is meta-learned once and shared by every identity; ``Mid`` (LoM,
+``rank_mid x rank_down``) and ``Up`` (LoU, ``out x rank_mid``) are trained per identity. ``Up`` starts at
+zero, so a fresh identity changes nothing.
+
+``scale = alpha / rank_down``: the usual LoRA convention, where the divisor is the rank of ``delta_W``
+(``rank_down`` is the bottleneck). With the default ``alpha = rank_down`` the scale is 1. Because
+``Up @ Mid`` collapses into one ``out x rank_down`` matrix, every identity folds *exactly* into a standard
+rank-``rank_down`` LoRA (see :func:`fold_to_lora`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class AdapterShape:
+    """Ranks and scaling shared by a LoMD and every identity trained against it."""
+
+    rank_down: int = 4
+    rank_mid: int = 16
+    alpha: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.rank_down < 1 or self.rank_mid < 1:
+            raise ValueError(f"ranks must be >= 1, got rank_down={self.rank_down}, rank_mid={self.rank_mid}")
+
+    @property
+    def effective_alpha(self) -> float:
+        return float(self.rank_down if self.alpha is None else self.alpha)
+
+    @property
+    def scale(self) -> float:
+        return self.effective_alpha / self.rank_down
+
+
+def delta_weight(down: torch.Tensor, mid: torch.Tensor, up: torch.Tensor, scale: float) -> torch.Tensor:
+    """The dense ``out x in`` weight change of one adapter (reference math; inference patches use it)."""
+    return scale * (up @ (mid @ down))
+
+
+def fold_to_lora(
+    down: torch.Tensor, mid: torch.Tensor, up: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold into a standard LoRA pair ``(lora_up, lora_down)`` with ``lora_up @ lora_down == delta_W``.
+
+    The scale is baked into ``lora_up`` so the pair is exact for loaders that ignore ``alpha`` (peft) and,
+    with ``alpha = rank_down`` written beside it, for loaders that apply ``alpha / rank`` (kohya, ComfyUI).
+    """
+    return scale * (up @ mid), down.clone()
+
+
+def merge_into(weight: torch.Tensor, delta: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
+    """Add ``strength * delta`` to ``weight`` in place, computing in float32 or better."""
+    work = torch.promote_types(weight.dtype, torch.float32)
+    weight.copy_((weight.to(work) + strength * delta.to(work)).to(weight.dtype))
+    return weight
+
+
+def unmerge_from(weight: torch.Tensor, delta: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
+    """Inverse of :func:`merge_into` (exact up to the weight dtype's rounding)."""
+    return merge_into(weight, delta, -strength)
+
+
+class IdentityHead(nn.Module):
+    """One target's adapter: frozen shared ``down`` plus trainable ``mid`` and ``up``.
+
+    A head is owned per *canonical* (BFL-named) target. Layers that diffusers splits out of a fused layer
+    (``to_q``/``to_k``/``to_v``/``proj_mlp``) share one head and read a row slice of ``up``, so their
+    gradients accumulate into the same parameters and the result equals the fused adapter exactly.
+    """
+
+    def __init__(
+        self,
+        down: torch.Tensor,
+        out_features: int,
+        rank_mid: int,
+        scale: float,
+        mid_init: torch.Tensor | None = None,
+        up_init: torch.Tensor | None = None,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        rank_down, _ = down.shape
+        self.register_buffer("down", down.detach().clone(), persistent=True)
+        if mid_init is None:
+            mid_init = torch.empty(rank_mid, rank_down, dtype=down.dtype)
+            nn.init.kaiming_uniform_(mid_init, a=5**0.5)
+        if up_init is None:
+            up_init = torch.zeros(out_features, rank_mid, dtype=down.dtype)
+        self.mid = nn.Parameter(mid_init.detach().clone().to(down.dtype))
+        self.up = nn.Parameter(up_init.detach().clone().to(down.dtype))
+        if tuple(self.mid.shape) != (rank_mid, rank_down) or tuple(self.up.shape) != (out_features, rank_mid):
+            raise ValueError(
+                f"mid {tuple(self.mid.shape)} / up {tuple(self.up.shape)} do not fit "
+                f"rank_down={rank_down}, rank_mid={rank_mid}, out={out_features}"
+            )
+        self.scale = float(scale)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, rows: slice | None = None, strength: float = 1.0) -> torch.Tensor:
+        """The adapter's contribution ``scale * Up[rows] (Mid (Down (dropout x)))`` for input ``x``."""
+        dtype = self.mid.dtype
+        h = F.linear(self.dropout(x).to(dtype), self.down)
+        h = F.linear(h, self.mid)
+        up = self.up if rows is None else self.up[rows]
+        return (self.scale * strength) * F.linear(h, up)
+
+    def delta_weight(self) -> torch.Tensor:
+        return delta_weight(self.down, self.mid, self.up, self.scale)
+
+
+class BypassLinear(nn.Module):
+    """``y = base(x) + head(x)[rows]``: the adapter runs beside a linear layer and never touches its weight.
+
+    Gradients flow through rank-``rank_down``/``rank_mid`` activations only and the base weight may be any
+    dtype (fp8 or quantized bases work because the base module is called, not read).
+    """
+
+    def __init__(self, base: nn.Module, head: IdentityHead, rows: slice | None = None) -> None:
+        super().__init__()
+        self.base = base
+        self.head = head
+        self.rows = rows
+        self.strength = 1.0
+        self.enabled = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if not self.enabled or self.strength == 0.0:
+            return y
+        return y + self.head(x, self.rows, self.strength).to(y.dtype)

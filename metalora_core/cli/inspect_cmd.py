@@ -1,0 +1,71 @@
+"""``metalora inspect FILE``: a JSON summary of any file this project reads or writes."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from ..formats import detect_kind, identity_from_tensors, lomd_from_tensors
+from ..safeio import fingerprint, load_tensors
+
+
+def summarize(path: str) -> dict[str, object]:
+    tensors, metadata = load_tensors(path)
+    kind = detect_kind(tensors, metadata)
+    summary: dict[str, object] = {
+        "file": path,
+        "kind": kind,
+        "tensors": len(tensors),
+        "bytes": os.path.getsize(path),
+        "parameters": sum(t.numel() for t in tensors.values()),
+    }
+    if kind == "lomd":
+        lomd = lomd_from_tensors(tensors, metadata, path)
+        summary.update(
+            rank_down=lomd.shape.rank_down,
+            rank_mid=lomd.shape.rank_mid,
+            alpha=lomd.shape.effective_alpha,
+            scale=lomd.shape.scale,
+            base_arch=lomd.base_arch,
+            hidden_size=lomd.hidden_size,
+            fingerprint=lomd.fingerprint,
+            targets=len(lomd.targets),
+            target_names=lomd.targets,
+            layout=metadata.get("format", "foreign (auto-detected)"),
+        )
+    elif kind == "identity":
+        adapter = identity_from_tensors(tensors, metadata, path)
+        summary.update(
+            rank_down=adapter.shape.rank_down,
+            rank_mid=adapter.shape.rank_mid,
+            alpha=adapter.shape.effective_alpha,
+            scale=adapter.shape.scale,
+            base_arch=adapter.base_arch,
+            hidden_size=adapter.hidden_size,
+            fingerprint=adapter.fingerprint,
+            lomd_fingerprint=adapter.lomd_fingerprint,
+            targets=len(adapter.targets),
+            target_names=adapter.targets,
+            training=adapter.training,
+        )
+    else:
+        ranks = sorted(
+            {
+                int(t.shape[0])
+                for k, t in tensors.items()
+                if k.endswith((".lora_down.weight", ".lora_A.weight"))
+            }
+        )
+        summary.update(fingerprint=fingerprint(tensors), ranks=ranks, format=metadata.get("format", ""))
+    return summary
+
+
+def run(args) -> int:
+    print(json.dumps(summarize(args.file), indent=2, default=str))
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("inspect", help="print a JSON summary of a LoMD, identity adapter or LoRA file")
+    p.add_argument("file", help="a .safetensors file")
+    p.set_defaults(func=run)

@@ -1,0 +1,98 @@
+"""Locate and load a FLUX transformer for the standalone backend: a BFL single file or a diffusers folder."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .errors import MetaLoRAError
+from .safeio import atomic_write_bytes
+from .targets import (
+    FluxDims,
+    bfl_to_diffusers,
+    diffusers_config_for,
+    dims_from_bfl,
+    dims_from_diffusers,
+    resolve_targets,
+    strip_bfl_prefix,
+)
+
+
+def _diffusers_files(folder: Path) -> list[Path]:
+    if (folder / "transformer" / "config.json").is_file():
+        folder = folder / "transformer"
+    files = sorted(folder.glob("*.safetensors"))
+    if not (folder / "config.json").is_file() or not files:
+        raise MetaLoRAError(
+            f"{folder}: not a diffusers FLUX transformer folder (needs config.json and *.safetensors; "
+            "a pipeline folder with a transformer/ subfolder works too)"
+        )
+    return files
+
+
+def _header_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as fh:
+                for key in fh.keys():
+                    shapes[key] = tuple(fh.get_slice(key).get_shape())
+        except (SafetensorError, OSError) as exc:
+            raise MetaLoRAError(f"{file}: not a readable safetensors file ({exc})") from None
+    return shapes
+
+
+def read_flux_dims(path: str | os.PathLike) -> tuple[FluxDims, str]:
+    """FLUX sizes and layout (``bfl`` or ``diffusers``) of a checkpoint, reading headers only."""
+    path = Path(path)
+    if path.is_dir():
+        shapes = _header_shapes(_diffusers_files(path))
+        return dims_from_diffusers(shapes, str(path)), "diffusers"
+    if not path.is_file():
+        raise MetaLoRAError(f"{path}: no such FLUX checkpoint (a .safetensors file or a diffusers folder)")
+    shapes = strip_bfl_prefix(_header_shapes([path]))  # type: ignore[arg-type]
+    if "x_embedder.weight" in shapes:
+        return dims_from_diffusers(shapes, str(path)), "diffusers"
+    return dims_from_bfl(shapes, str(path)), "bfl"
+
+
+def fused_shapes(dims: FluxDims) -> dict[str, tuple[int, int]]:
+    """``{canonical target: (out, in)}`` for every adaptable layer of a FLUX of these sizes."""
+    return {t.name: (t.out_features, t.in_features) for t in resolve_targets(dims, "all_linear")}
+
+
+def load_diffusers_flux(
+    path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+):
+    """Build diffusers' ``FluxTransformer2DModel`` from a diffusers folder or a BFL single file, offline."""
+    from diffusers import FluxTransformer2DModel
+
+    path = Path(path)
+    dims, layout = read_flux_dims(path)
+    if path.is_dir():
+        folder = path / "transformer" if (path / "transformer" / "config.json").is_file() else path
+        model = FluxTransformer2DModel.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True)
+        return model.to(device), dims
+    from safetensors.torch import load_file
+
+    sd = load_file(str(path))
+    if layout == "bfl":
+        sd = bfl_to_diffusers(sd, str(path))
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(**diffusers_config_for(dims))
+    missing = set(model.state_dict()) - set(sd)
+    if missing:
+        raise MetaLoRAError(f"{path}: key '{sorted(missing)[0]}' is missing ({len(missing)} missing)")
+    model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=True, assign=True)
+    return model.to(device=device, dtype=dtype), dims
+
+
+def save_diffusers_config(folder: Path, dims: FluxDims) -> None:
+    config = {"_class_name": "FluxTransformer2DModel", **diffusers_config_for(dims)}
+    config["axes_dims_rope"] = list(config["axes_dims_rope"])  # type: ignore[arg-type]
+    text = json.dumps(config, indent=2)
+    atomic_write_bytes(folder / "config.json", lambda tmp: Path(tmp).write_text(text))

@@ -1,0 +1,401 @@
+"""File formats: LoMD, identity adapter, and standard LoRA exports (kohya / diffusers). See README "File formats".
+
+Every file is safetensors with string metadata. Our own files carry ``format`` and ``format_version``;
+readers also accept LoMDs in other plausible layouts (kohya or diffusers key names holding only down
+matrices) and say which key they could not place otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .adapter import AdapterShape, fold_to_lora
+from .errors import FingerprintMismatch, MetaLoRAError
+from .safeio import fingerprint, load_tensors, save_tensors
+from .targets import FluxDims, canonical_from_diffusers, canonical_from_kohya, diffusers_pieces, kohya_name
+
+FORMAT_LOMD = "metalora.lomd"
+FORMAT_IDENTITY = "metalora.identity"
+FORMAT_VERSION = 1
+DOWN_SUFFIX = ".meta_down.weight"
+MID_SUFFIX = ".lom.weight"
+UP_SUFFIX = ".lou.weight"
+
+
+@dataclass
+class LoMD:
+    """The shared Meta-Down: one ``rank_down x in`` matrix per canonical target."""
+
+    downs: dict[str, torch.Tensor]
+    shape: AdapterShape
+    base_arch: str = "flux"
+    hidden_size: int | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    source: str = "<memory>"
+
+    @property
+    def targets(self) -> list[str]:
+        return list(self.downs)
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.downs)
+
+
+@dataclass
+class IdentityAdapter:
+    """Per-identity Mid (``rank_mid x rank_down``) and Up (``out x rank_mid``) per canonical target."""
+
+    mids: dict[str, torch.Tensor]
+    ups: dict[str, torch.Tensor]
+    shape: AdapterShape
+    lomd_fingerprint: str
+    training: dict[str, object] = field(default_factory=dict)
+    base_arch: str = "flux"
+    hidden_size: int | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    source: str = "<memory>"
+
+    @property
+    def targets(self) -> list[str]:
+        return list(self.mids)
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(
+            {
+                **{k + MID_SUFFIX: v for k, v in self.mids.items()},
+                **{k + UP_SUFFIX: v for k, v in self.ups.items()},
+            }
+        )
+
+
+# --- writing -------------------------------------------------------------------------------------------
+
+
+def _common_meta(
+    shape: AdapterShape, base_arch: str, hidden: int | None, targets: list[str]
+) -> dict[str, object]:
+    return {
+        "format_version": str(FORMAT_VERSION),
+        "rank_down": str(shape.rank_down),
+        "rank_mid": str(shape.rank_mid),
+        "alpha": str(shape.effective_alpha),
+        "base_arch": base_arch,
+        "hidden_size": str(hidden or ""),
+        "targets": json.dumps(targets),
+        "created_by": "metalora_core",
+    }
+
+
+def save_lomd(path: str | os.PathLike, lomd: LoMD) -> Path:
+    tensors = {name + DOWN_SUFFIX: t for name, t in lomd.downs.items()}
+    meta = {"format": FORMAT_LOMD, **_common_meta(lomd.shape, lomd.base_arch, lomd.hidden_size, lomd.targets)}
+    meta["fingerprint"] = lomd.fingerprint
+    return save_tensors(path, tensors, meta)
+
+
+def save_identity(path: str | os.PathLike, adapter: IdentityAdapter) -> Path:
+    tensors = {name + MID_SUFFIX: t for name, t in adapter.mids.items()}
+    tensors.update({name + UP_SUFFIX: t for name, t in adapter.ups.items()})
+    meta = {
+        "format": FORMAT_IDENTITY,
+        **_common_meta(adapter.shape, adapter.base_arch, adapter.hidden_size, adapter.targets),
+    }
+    meta["lomd_fingerprint"] = adapter.lomd_fingerprint
+    meta["fingerprint"] = adapter.fingerprint
+    meta["training"] = json.dumps(adapter.training, default=str)
+    return save_tensors(path, tensors, meta)
+
+
+# --- reading -------------------------------------------------------------------------------------------
+
+
+def detect_kind(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> str:
+    """``lomd``, ``identity``, ``lora`` (a standard LoRA with up and down) or ``unknown``."""
+    fmt = metadata.get("format", "")
+    if fmt == FORMAT_LOMD:
+        return "lomd"
+    if fmt == FORMAT_IDENTITY:
+        return "identity"
+    keys = list(tensors)
+    has_up = any(k.endswith((".lora_up.weight", ".lora_B.weight")) for k in keys)
+    has_down = any(k.endswith((".lora_down.weight", ".lora_A.weight", DOWN_SUFFIX)) for k in keys)
+    if has_down and has_up:
+        return "lora"
+    if has_down:
+        return "lomd"
+    if any(k.endswith((MID_SUFFIX, UP_SUFFIX)) for k in keys):
+        return "identity"
+    return "unknown"
+
+
+def _shape_from_meta(metadata: Mapping[str, str], rank_down: int, source: str) -> AdapterShape:
+    try:
+        rank_mid = int(metadata.get("rank_mid") or 16)
+        alpha = float(metadata["alpha"]) if metadata.get("alpha") else None
+        declared = int(metadata.get("rank_down") or rank_down)
+    except ValueError as exc:
+        raise MetaLoRAError(f"{source}: unreadable rank/alpha metadata ({exc})") from None
+    if declared != rank_down:
+        raise MetaLoRAError(
+            f"{source}: metadata says rank_down={declared} but the tensors have rank {rank_down}"
+        )
+    return AdapterShape(rank_down=rank_down, rank_mid=rank_mid, alpha=alpha)
+
+
+def _hidden(metadata: Mapping[str, str]) -> int | None:
+    value = metadata.get("hidden_size", "")
+    return int(value) if value.isdigit() else None
+
+
+def _place_down_key(key: str) -> tuple[str, int] | None:
+    """Map one key of a foreign LoMD layout to (canonical target, piece index)."""
+    if key.endswith(DOWN_SUFFIX):
+        return key[: -len(DOWN_SUFFIX)], 0
+    m = re.fullmatch(r"(.+)\.(?:lora_down|lora_A)\.weight", key)
+    if not m:
+        return None
+    prefix = m.group(1)
+    for strip in ("diffusion_model.", "transformer.", "base_model.model.", "unet."):
+        if prefix.startswith(strip):
+            prefix = prefix[len(strip) :]
+    canonical = canonical_from_kohya(prefix)
+    if canonical:
+        return canonical, 0
+    if re.fullmatch(r"(double_blocks|single_blocks)\.\d+\..+", prefix):
+        return prefix, 0
+    return canonical_from_diffusers(prefix)
+
+
+def lomd_from_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], source: str) -> LoMD:
+    kind = detect_kind(tensors, metadata)
+    if kind == "identity":
+        raise MetaLoRAError(
+            f"{source}: this is an identity adapter (Mid/Up), not a LoMD; pass it as the adapter"
+        )
+    if kind == "lora":
+        raise MetaLoRAError(
+            f"{source}: this is a standard LoRA (it has up matrices); a LoMD holds only the shared down "
+            "matrices. Load it with a LoRA loader instead"
+        )
+    downs: dict[str, torch.Tensor] = {}
+    pieces: dict[str, dict[int, torch.Tensor]] = {}
+    alphas: dict[str, float] = {}
+    for key, value in tensors.items():
+        if key.endswith(".alpha"):
+            alphas[key[: -len(".alpha")]] = float(value.float().reshape(-1)[0])
+            continue
+        placed = _place_down_key(key)
+        if placed is None:
+            raise MetaLoRAError(
+                f"{source}: cannot place key '{key}' as a FLUX LoMD down matrix (expected "
+                f"'<flux layer>{DOWN_SUFFIX}', kohya 'lora_unet_..._lora_down.weight' or diffusers "
+                "'transformer....lora_A.weight')"
+            )
+        name, piece = placed
+        if value.ndim != 2:
+            raise MetaLoRAError(
+                f"{source}: '{key}' should be a 2-D down matrix, got shape {tuple(value.shape)}"
+            )
+        pieces.setdefault(name, {})[piece] = value
+    for name, parts in pieces.items():
+        first = parts[min(parts)]
+        for index, part in parts.items():
+            if part.shape != first.shape or not torch.equal(part, first):
+                raise MetaLoRAError(
+                    f"{source}: the diffusers pieces of '{name}' (piece {index}) have different down matrices; "
+                    "a LoMD shares one Down per fused FLUX layer"
+                )
+        downs[name] = first
+    if not downs:
+        raise MetaLoRAError(f"{source}: no down matrices found; this is not a LoMD")
+    ranks = {t.shape[0] for t in downs.values()}
+    if len(ranks) != 1:
+        raise MetaLoRAError(f"{source}: down matrices have different ranks {sorted(ranks)}")
+    rank_down = ranks.pop()
+    meta = dict(metadata)
+    if "alpha" not in meta and alphas:
+        meta["alpha"] = str(next(iter(alphas.values())))
+    shape = _shape_from_meta(meta, rank_down, source)
+    lomd = LoMD(downs, shape, meta.get("base_arch", "flux"), _hidden(meta), meta, source)
+    declared = meta.get("fingerprint")
+    if declared and declared != lomd.fingerprint:
+        raise MetaLoRAError(
+            f"{source}: content fingerprint {lomd.fingerprint} does not match its metadata ({declared}); the file is damaged"
+        )
+    return lomd
+
+
+def load_lomd(path: str | os.PathLike) -> LoMD:
+    tensors, metadata = load_tensors(path)
+    return lomd_from_tensors(tensors, metadata, str(path))
+
+
+def identity_from_tensors(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], source: str
+) -> IdentityAdapter:
+    kind = detect_kind(tensors, metadata)
+    if kind == "lomd":
+        raise MetaLoRAError(
+            f"{source}: this is a LoMD (shared Meta-Down), not an identity adapter; pass it as the LoMD"
+        )
+    if kind != "identity":
+        raise MetaLoRAError(
+            f"{source}: not a Meta-LoRA identity adapter (format '{metadata.get('format', '?')}', kind {kind})"
+        )
+    mids, ups = {}, {}
+    for key, value in tensors.items():
+        if key.endswith(MID_SUFFIX):
+            mids[key[: -len(MID_SUFFIX)]] = value
+        elif key.endswith(UP_SUFFIX):
+            ups[key[: -len(UP_SUFFIX)]] = value
+        else:
+            raise MetaLoRAError(
+                f"{source}: cannot place key '{key}' (expected '<flux layer>{MID_SUFFIX}' or '{UP_SUFFIX}')"
+            )
+    missing = sorted(set(mids) ^ set(ups))
+    if missing:
+        raise MetaLoRAError(f"{source}: layer '{missing[0]}' has a Mid without an Up or the reverse")
+    first = next(iter(mids.values()))
+    shape = _shape_from_meta(metadata, first.shape[1], source)
+    for name in mids:
+        if (
+            tuple(mids[name].shape) != (shape.rank_mid, shape.rank_down)
+            or ups[name].shape[1] != shape.rank_mid
+        ):
+            raise MetaLoRAError(
+                f"{source}: layer '{name}' has Mid {tuple(mids[name].shape)} / Up {tuple(ups[name].shape)}, "
+                f"expected Mid ({shape.rank_mid}, {shape.rank_down}) and Up (out, {shape.rank_mid})"
+            )
+    try:
+        training = json.loads(metadata.get("training", "{}"))
+    except json.JSONDecodeError:
+        training = {}
+    adapter = IdentityAdapter(
+        mids,
+        ups,
+        shape,
+        metadata.get("lomd_fingerprint", ""),
+        training,
+        metadata.get("base_arch", "flux"),
+        _hidden(metadata),
+        dict(metadata),
+        source,
+    )
+    declared = metadata.get("fingerprint")
+    if declared and declared != adapter.fingerprint:
+        raise MetaLoRAError(
+            f"{source}: content fingerprint {adapter.fingerprint} does not match its metadata ({declared}); the file is damaged"
+        )
+    return adapter
+
+
+def load_identity(path: str | os.PathLike) -> IdentityAdapter:
+    tensors, metadata = load_tensors(path)
+    return identity_from_tensors(tensors, metadata, str(path))
+
+
+# --- checks --------------------------------------------------------------------------------------------
+
+
+def check_pair(lomd: LoMD, adapter: IdentityAdapter, force: bool = False) -> None:
+    """Refuse an adapter trained against another LoMD (unless forced) or whose layers do not fit it."""
+    if adapter.lomd_fingerprint and adapter.lomd_fingerprint != lomd.fingerprint and not force:
+        raise FingerprintMismatch(
+            f"identity adapter {adapter.source} was trained against LoMD {adapter.lomd_fingerprint}, but LoMD "
+            f"{lomd.source} has fingerprint {lomd.fingerprint}. Use the LoMD it was trained with, or force it "
+            "(results will not be what the adapter learned)"
+        )
+    for name in adapter.targets:
+        if name not in lomd.downs:
+            raise MetaLoRAError(
+                f"identity adapter {adapter.source}: layer '{name}' has no Down in LoMD {lomd.source}"
+            )
+        down = lomd.downs[name]
+        if adapter.mids[name].shape[1] != down.shape[0]:
+            raise MetaLoRAError(
+                f"layer '{name}': adapter Mid {tuple(adapter.mids[name].shape)} does not fit LoMD Down {tuple(down.shape)}"
+            )
+
+
+def check_lomd_fits(lomd: LoMD, shapes: Mapping[str, tuple[int, int]], model_name: str = "the model") -> None:
+    """Check every Down against the model's fused ``(out, in)`` shapes; the message names layer and shapes."""
+    for name, down in lomd.downs.items():
+        if name not in shapes:
+            raise MetaLoRAError(f"LoMD {lomd.source}: layer '{name}' does not exist in {model_name}")
+        out_f, in_f = shapes[name]
+        if down.shape[1] != in_f:
+            raise MetaLoRAError(
+                f"LoMD {lomd.source} does not fit {model_name}: layer '{name}' has Down {tuple(down.shape)} "
+                f"(input {down.shape[1]}) but the model's weight is ({out_f}, {in_f}) (input {in_f}). "
+                "The LoMD was made for a FLUX of another size"
+            )
+
+
+# --- standard LoRA export ------------------------------------------------------------------------------
+
+
+def fold_identity(
+    lomd: LoMD, adapter: IdentityAdapter, strength: float = 1.0
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{target: (lora_up, lora_down)}`` with ``lora_up @ lora_down == strength * delta_W`` exactly."""
+    check_pair(lomd, adapter, force=True)
+    out = {}
+    for name in adapter.targets:
+        up, down = fold_to_lora(
+            lomd.downs[name].double(),
+            adapter.mids[name].double(),
+            adapter.ups[name].double(),
+            adapter.shape.scale * strength,
+        )
+        out[name] = (up, down)
+    return out
+
+
+def export_lora(
+    path: str | os.PathLike,
+    lomd: LoMD,
+    adapter: IdentityAdapter,
+    dims: FluxDims,
+    fmt: str = "kohya",
+    strength: float = 1.0,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Write the folded identity as a standard LoRA that stock loaders read (kohya/ComfyUI or diffusers/peft)."""
+    folded = fold_identity(lomd, adapter, strength)
+    tensors: dict[str, torch.Tensor] = {}
+    rank = adapter.shape.rank_down
+    if fmt == "kohya":
+        for name, (up, down) in folded.items():
+            prefix = kohya_name(name)
+            tensors[f"{prefix}.lora_up.weight"] = up.to(dtype)
+            tensors[f"{prefix}.lora_down.weight"] = down.to(dtype)
+            tensors[f"{prefix}.alpha"] = torch.tensor(float(rank), dtype=dtype)
+    elif fmt == "diffusers":
+        for name, (up, down) in folded.items():
+            for module, rows in diffusers_pieces(name, dims):
+                tensors[f"transformer.{module}.lora_A.weight"] = down.to(dtype)
+                tensors[f"transformer.{module}.lora_B.weight"] = (
+                    (up if rows is None else up[rows]).to(dtype).contiguous()
+                )
+    else:
+        raise MetaLoRAError(f"unknown export format '{fmt}' (use 'kohya' or 'diffusers')")
+    meta = {
+        "format": f"lora.{fmt}",
+        "ss_network_module": "networks.lora_flux" if fmt == "kohya" else "",
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": str(float(rank)),
+        "ss_base_model_version": "flux1",
+        "metalora_source": json.dumps(
+            {"lomd": lomd.fingerprint, "identity": adapter.fingerprint, "strength": strength}
+        ),
+    }
+    return save_tensors(path, tensors, meta)

@@ -1,0 +1,118 @@
+"""Attach Meta-LoRA bypass heads to a diffusers FLUX transformer (and take them off again).
+
+One :class:`IdentityHead` per canonical target; each diffusers piece of a fused layer gets a
+:class:`BypassLinear` reading its row slice of the shared head.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from .adapter import BypassLinear, IdentityHead
+from .errors import MetaLoRAError
+from .flux_model import fused_shapes
+from .formats import IdentityAdapter, LoMD, check_lomd_fits, check_pair
+from .targets import FluxDims, diffusers_pieces
+
+
+def _parent(model: nn.Module, dotted: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = dotted.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def attach_heads(
+    model: nn.Module,
+    dims: FluxDims,
+    lomd: LoMD,
+    adapter: IdentityAdapter | None = None,
+    targets: list[str] | None = None,
+    dtype: torch.dtype = torch.float32,
+    dropout: float = 0.0,
+    force: bool = False,
+    rank_mid: int | None = None,
+) -> nn.ModuleDict:
+    """Wrap the target layers of ``model`` with bypass adapters; returns the heads keyed by canonical name.
+
+    Without ``adapter`` the heads start fresh (random Mid, zero Up), ready for personalization; their Mid
+    rank is ``rank_mid`` or the LoMD's default. ``rank_down`` and ``alpha`` always come from the LoMD.
+    """
+    check_lomd_fits(lomd, fused_shapes(dims))
+    if adapter is not None:
+        check_pair(lomd, adapter, force=force)
+    shape = (
+        adapter.shape
+        if adapter is not None
+        else replace(lomd.shape, rank_mid=rank_mid or lomd.shape.rank_mid)
+    )
+    names = targets if targets is not None else (adapter.targets if adapter is not None else lomd.targets)
+    device = next(model.parameters()).device
+    heads = nn.ModuleDict()
+    for name in names:
+        if name not in lomd.downs:
+            raise MetaLoRAError(f"layer '{name}' has no Down in LoMD {lomd.source}")
+        down = lomd.downs[name].to(device=device, dtype=dtype)
+        pieces = diffusers_pieces(name, dims)
+        out_features = sum(model.get_submodule(m).out_features for m, _ in pieces)
+        head = IdentityHead(
+            down,
+            out_features,
+            shape.rank_mid,
+            shape.scale,
+            mid_init=None if adapter is None else adapter.mids[name].to(device, dtype),
+            up_init=None if adapter is None else adapter.ups[name].to(device, dtype),
+            dropout=dropout,
+        ).to(device)
+        heads[name.replace(".", "__")] = head
+        for module_name, rows in pieces:
+            parent, child = _parent(model, module_name)
+            base = getattr(parent, child)
+            if isinstance(base, BypassLinear):
+                raise MetaLoRAError(f"'{module_name}' already carries a Meta-LoRA adapter; detach it first")
+            setattr(parent, child, BypassLinear(base, head, rows))
+    return heads
+
+
+def bypass_layers(model: nn.Module) -> Iterator[tuple[str, BypassLinear]]:
+    for name, module in model.named_modules():
+        if isinstance(module, BypassLinear):
+            yield name, module
+
+
+def detach_heads(model: nn.Module) -> int:
+    """Put every original layer back; returns how many were unwrapped."""
+    wrapped = list(bypass_layers(model))
+    for name, module in wrapped:
+        parent, child = _parent(model, name)
+        setattr(parent, child, module.base)
+    return len(wrapped)
+
+
+def set_strength(model: nn.Module, strength: float) -> None:
+    for _, module in bypass_layers(model):
+        module.strength = strength
+
+
+def heads_to_adapter(
+    heads: nn.ModuleDict, lomd: LoMD, dims: FluxDims, training: dict[str, object] | None = None
+) -> IdentityAdapter:
+    """Snapshot trained heads as an :class:`IdentityAdapter` (float32, CPU)."""
+    mids = {key.replace("__", "."): h.mid.detach().float().cpu().clone() for key, h in heads.items()}
+    ups = {key.replace("__", "."): h.up.detach().float().cpu().clone() for key, h in heads.items()}
+    rank_mid = next(iter(mids.values())).shape[0]
+    shape = replace(lomd.shape, rank_mid=rank_mid)
+    return IdentityAdapter(mids, ups, shape, lomd.fingerprint, dict(training or {}), "flux", dims.hidden)
+
+
+@contextmanager
+def attached(model: nn.Module, dims: FluxDims, lomd: LoMD, adapter: IdentityAdapter | None = None, **kwargs):
+    """Context manager: heads attached inside, the model exactly as before outside (also on error)."""
+    heads = attach_heads(model, dims, lomd, adapter, **kwargs)
+    try:
+        yield heads
+    finally:
+        detach_heads(model)
