@@ -6,7 +6,7 @@ One :class:`IdentityHead` per canonical target; each diffusers piece of a fused 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import replace
 
@@ -25,23 +25,24 @@ def _parent(model: nn.Module, dotted: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent_name) if parent_name else model), child
 
 
-def attach_heads(
-    model: nn.Module,
+def make_heads(
     dims: FluxDims,
     lomd: LoMD,
     adapter: IdentityAdapter | None = None,
     targets: list[str] | None = None,
+    rank_mid: int | None = None,
     dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
     dropout: float = 0.0,
     force: bool = False,
-    rank_mid: int | None = None,
 ) -> nn.ModuleDict:
-    """Wrap the target layers of ``model`` with bypass adapters; returns the heads keyed by canonical name.
+    """One :class:`IdentityHead` per canonical target, keyed by :func:`head_key`.
 
     Without ``adapter`` the heads start fresh (random Mid, zero Up), ready for personalization; their Mid
     rank is ``rank_mid`` or the LoMD's default. ``rank_down`` and ``alpha`` always come from the LoMD.
     """
-    check_lomd_fits(lomd, fused_shapes(dims))
+    shapes = fused_shapes(dims)
+    check_lomd_fits(lomd, shapes)
     if adapter is not None:
         check_pair(lomd, adapter, force=force)
     shape = (
@@ -50,30 +51,49 @@ def attach_heads(
         else replace(lomd.shape, rank_mid=rank_mid or lomd.shape.rank_mid)
     )
     names = targets if targets is not None else (adapter.targets if adapter is not None else lomd.targets)
-    device = next(model.parameters()).device
     heads = nn.ModuleDict()
     for name in names:
         if name not in lomd.downs:
             raise MetaLoRAError(f"layer '{name}' has no Down in LoMD {lomd.source}")
-        down = lomd.downs[name].to(device=device, dtype=dtype)
-        pieces = diffusers_pieces(name, dims)
-        out_features = sum(model.get_submodule(m).out_features for m, _ in pieces)
-        head = IdentityHead(
-            down,
-            out_features,
+        heads[head_key(name)] = IdentityHead(
+            lomd.downs[name].to(device=device, dtype=dtype),
+            shapes[name][0],
             shape.rank_mid,
             shape.scale,
             mid_init=None if adapter is None else adapter.mids[name].to(device, dtype),
             up_init=None if adapter is None else adapter.ups[name].to(device, dtype),
             dropout=dropout,
         ).to(device)
-        heads[name.replace(".", "__")] = head
-        for module_name, rows in pieces:
+    return heads
+
+
+def head_key(name: str) -> str:
+    """ModuleDict keys cannot hold dots: ``double_blocks.0.img_attn.qkv`` -> ``double_blocks__0__img_attn__qkv``."""
+    return name.replace(".", "__")
+
+
+def head_name(key: str) -> str:
+    return key.replace("__", ".")
+
+
+def attach_to_diffusers(model: nn.Module, dims: FluxDims, heads: Mapping[str, IdentityHead]) -> None:
+    """Wrap each diffusers piece of every head's target with a :class:`BypassLinear` (row slice if split)."""
+    for key, head in heads.items():
+        for module_name, rows in diffusers_pieces(head_name(key), dims):
             parent, child = _parent(model, module_name)
             base = getattr(parent, child)
             if isinstance(base, BypassLinear):
                 raise MetaLoRAError(f"'{module_name}' already carries a Meta-LoRA adapter; detach it first")
             setattr(parent, child, BypassLinear(base, head, rows))
+
+
+def attach_heads(
+    model: nn.Module, dims: FluxDims, lomd: LoMD, adapter: IdentityAdapter | None = None, **kwargs
+) -> nn.ModuleDict:
+    """:func:`make_heads` on the model's device, then :func:`attach_to_diffusers`; returns the heads."""
+    kwargs.setdefault("device", next(model.parameters()).device)
+    heads = make_heads(dims, lomd, adapter, **kwargs)
+    attach_to_diffusers(model, dims, heads)
     return heads
 
 
@@ -101,8 +121,8 @@ def heads_to_adapter(
     heads: nn.ModuleDict, lomd: LoMD, dims: FluxDims, training: dict[str, object] | None = None
 ) -> IdentityAdapter:
     """Snapshot trained heads as an :class:`IdentityAdapter` (float32, CPU)."""
-    mids = {key.replace("__", "."): h.mid.detach().float().cpu().clone() for key, h in heads.items()}
-    ups = {key.replace("__", "."): h.up.detach().float().cpu().clone() for key, h in heads.items()}
+    mids = {head_name(key): h.mid.detach().float().cpu().clone() for key, h in heads.items()}
+    ups = {head_name(key): h.up.detach().float().cpu().clone() for key, h in heads.items()}
     rank_mid = next(iter(mids.values())).shape[0]
     shape = replace(lomd.shape, rank_mid=rank_mid)
     return IdentityAdapter(mids, ups, shape, lomd.fingerprint, dict(training or {}), "flux", dims.hidden)

@@ -6,8 +6,15 @@ import pytest
 import torch
 from torch import nn
 
-from metalora_core.adapter import AdapterShape, BypassLinear, IdentityHead, delta_weight, fold_to_lora, merge_into, unmerge_from
-
+from metalora_core.adapter import (
+    AdapterShape,
+    BypassLinear,
+    IdentityHead,
+    delta_weight,
+    fold_to_lora,
+    merge_into,
+    unmerge_from,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -21,7 +28,9 @@ def _float64():
 def _head(out_f=24, in_f=16, r_d=4, r_m=8, scale=0.75, seed=0):
     g = torch.Generator().manual_seed(seed)
     down = torch.randn(r_d, in_f, generator=g, dtype=torch.float64)
-    return IdentityHead(down, out_f, r_m, scale, up_init=torch.randn(out_f, r_m, generator=g, dtype=torch.float64))
+    return IdentityHead(
+        down, out_f, r_m, scale, up_init=torch.randn(out_f, r_m, generator=g, dtype=torch.float64)
+    )
 
 
 def test_scale_follows_alpha_over_rank_down():
@@ -109,6 +118,13 @@ def test_head_gradients_match_finite_differences():
     x = torch.randn(4, 5)
 
     def f(mid, up):
-        return torch.nn.functional.linear(torch.nn.functional.linear(torch.nn.functional.linear(x, head.down), mid), up) * head.scale
+        return (
+            torch.nn.functional.linear(
+                torch.nn.functional.linear(torch.nn.functional.linear(x, head.down), mid), up
+            )
+            * head.scale
+        )
 
-    assert torch.autograd.gradcheck(f, (head.mid.detach().requires_grad_(), head.up.detach().requires_grad_()))
+    assert torch.autograd.gradcheck(
+        f, (head.mid.detach().requires_grad_(), head.up.detach().requires_grad_())
+    )

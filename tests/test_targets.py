@@ -43,7 +43,10 @@ def test_shapes_come_from_the_model_not_constants():
 
 
 def test_explicit_targets_and_patterns():
-    names = [t.name for t in resolve_targets(TINY_DIMS, [r"single_blocks\.\d+\.linear1", "double_blocks.0.img_attn.qkv"])]
+    names = [
+        t.name
+        for t in resolve_targets(TINY_DIMS, [r"single_blocks\.\d+\.linear1", "double_blocks.0.img_attn.qkv"])
+    ]
     assert names == ["single_blocks.0.linear1", "single_blocks.1.linear1", "double_blocks.0.img_attn.qkv"]
     with pytest.raises(MetaLoRAError, match="to_qq"):
         resolve_targets(TINY_DIMS, ["double_blocks.0.attn.to_qq"])
@@ -120,7 +123,9 @@ def test_matches_diffusers_single_file_converter_at_real_width():
     dims = FluxDims(3072, 12288, 1, 1, 16, 4096, 768, True, 16)
     sd = random_bfl_state_dict(dims, seed=0, dtype=torch.bfloat16)
     ours = bfl_to_diffusers(sd)
-    theirs = convert_flux_transformer_checkpoint_to_diffusers({"model.diffusion_model." + k: v for k, v in sd.items()})
+    theirs = convert_flux_transformer_checkpoint_to_diffusers(
+        {"model.diffusion_model." + k: v for k, v in sd.items()}
+    )
     assert set(ours) == set(theirs)
     for key in ours:
         assert torch.equal(ours[key], theirs[key]), key

@@ -38,7 +38,8 @@ def _random_adapter(args) -> int:
     return 0
 
 
-def register(sub) -> None:
+def register(sub):
+    """Add the ``dev`` group with this module's builders; returns the group's sub-parsers for others."""
     dev = sub.add_parser("dev", help="build small test assets (tiny FLUX, random LoMD / adapter, ...)")
     dsub = dev.add_subparsers(dest="dev_command", required=True, metavar="DEV_COMMAND")
 
@@ -77,3 +78,4 @@ def register(sub) -> None:
     p.add_argument("--up-std", type=float, default=0.02)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_random_adapter)
+    return dsub

@@ -10,6 +10,7 @@ import sys
 from ..errors import MetaLoRAError
 
 # Modules under metalora_core.cli that define ``register(subparsers)``; each adds its own sub-commands.
+# A module may also define ``register_dev(dev_subparsers)`` to add builders to the ``metalora dev`` group.
 COMMAND_MODULES = ("inspect_cmd", "export_cmd", "dev_cmd")
 EXIT_USER_ERROR = 2
 
@@ -21,8 +22,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        importlib.import_module(f"{__package__}.{name}").register(sub)
+    modules = [importlib.import_module(f"{__package__}.{name}") for name in COMMAND_MODULES]
+    registered = {name: module.register(sub) for name, module in zip(COMMAND_MODULES, modules)}
+    dev_sub = registered["dev_cmd"]  # the `dev` group: any command module may add test-asset builders to it
+    for module in modules:
+        if hasattr(module, "register_dev"):
+            module.register_dev(dev_sub)
     return parser
 
 
