@@ -47,7 +47,14 @@ def save_tensors(
 ) -> Path:
     """Save contiguous CPU tensors with string metadata (non-strings are JSON-encoded), atomically."""
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
-    data = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    data: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for key, value in tensors.items():
+        t = value.detach().to("cpu").contiguous()
+        storage = t.untyped_storage().data_ptr()
+        # safetensors refuses tensors sharing memory (e.g. one Down written under several diffusers names)
+        data[key] = t.clone() if storage in seen else t
+        seen.add(storage)
     return atomic_write_bytes(path, lambda tmp: save_file(data, tmp, metadata=meta))
 
 
@@ -68,11 +75,11 @@ def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     return tensors, metadata
 
 
-def read_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The header metadata only (cheap: no tensor is read)."""
+def read_keys(path: str | os.PathLike) -> list[str]:
+    """Tensor names only, from the header."""
     try:
         with safe_open(str(path), framework="pt") as fh:
-            return dict(fh.metadata() or {})
+            return list(fh.keys())
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise MetaLoRAError(f"{path}: not a readable safetensors file ({exc})") from None
 

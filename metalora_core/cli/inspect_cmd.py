@@ -5,11 +5,51 @@ from __future__ import annotations
 import json
 import os
 
+from ..flux_model import read_flux_dims
 from ..formats import detect_kind, identity_from_tensors, lomd_from_tensors
-from ..safeio import fingerprint, load_tensors
+from ..safeio import fingerprint, load_tensors, read_keys
+
+
+def _flux_summary(path: str) -> dict[str, object] | None:
+    """Header-only summary when ``path`` is a FLUX checkpoint (real ones are 20+ GB: never read them whole)."""
+    keys = set(read_keys(path))
+    if not keys & {
+        "img_in.weight",
+        "x_embedder.weight",
+        "model.diffusion_model.img_in.weight",
+        "diffusion_model.img_in.weight",
+    }:
+        return None
+    dims, layout = read_flux_dims(path)
+    return {
+        "file": path,
+        "kind": "flux",
+        "layout": layout,
+        "bytes": os.path.getsize(path),
+        "tensors": len(keys),
+        "hidden_size": dims.hidden,
+        "double_blocks": dims.depth,
+        "single_blocks": dims.depth_single,
+        "heads": dims.heads,
+        "context_dim": dims.context_dim,
+        "guidance_distilled": dims.guidance,
+    }
 
 
 def summarize(path: str) -> dict[str, object]:
+    if os.path.isdir(path):
+        dims, layout = read_flux_dims(path)
+        return {
+            "file": path,
+            "kind": "flux",
+            "layout": layout,
+            "hidden_size": dims.hidden,
+            "double_blocks": dims.depth,
+            "single_blocks": dims.depth_single,
+        }
+    flux = _flux_summary(path)
+    if flux is not None:
+        return flux
     tensors, metadata = load_tensors(path)
     kind = detect_kind(tensors, metadata)
     summary: dict[str, object] = {
@@ -67,5 +107,8 @@ def run(args) -> int:
 
 def register(sub) -> None:
     p = sub.add_parser("inspect", help="print a JSON summary of a LoMD, identity adapter or LoRA file")
-    p.add_argument("file", help="a .safetensors file")
+    p.add_argument(
+        "file",
+        help="a .safetensors file (LoMD, identity adapter, LoRA or FLUX checkpoint) or a diffusers FLUX folder",
+    )
     p.set_defaults(func=run)
