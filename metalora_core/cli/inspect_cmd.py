@@ -59,35 +59,23 @@ def summarize(path: str) -> dict[str, object]:
         "bytes": os.path.getsize(path),
         "parameters": sum(t.numel() for t in tensors.values()),
     }
-    if kind == "lomd":
-        lomd = lomd_from_tensors(tensors, metadata, path)
+    if kind in ("lomd", "identity"):
+        parsed = (lomd_from_tensors if kind == "lomd" else identity_from_tensors)(tensors, metadata, path)
         summary.update(
-            rank_down=lomd.shape.rank_down,
-            rank_mid=lomd.shape.rank_mid,
-            alpha=lomd.shape.effective_alpha,
-            scale=lomd.shape.scale,
-            base_arch=lomd.base_arch,
-            hidden_size=lomd.hidden_size,
-            fingerprint=lomd.fingerprint,
-            targets=len(lomd.targets),
-            target_names=lomd.targets,
-            layout=metadata.get("format", "foreign (auto-detected)"),
+            rank_down=parsed.shape.rank_down,
+            rank_mid=parsed.shape.rank_mid,
+            alpha=parsed.shape.effective_alpha,
+            scale=parsed.shape.scale,
+            base_arch=parsed.base_arch,
+            hidden_size=parsed.hidden_size,
+            fingerprint=parsed.fingerprint,
+            targets=len(parsed.targets),
+            target_names=parsed.targets,
         )
-    elif kind == "identity":
-        adapter = identity_from_tensors(tensors, metadata, path)
-        summary.update(
-            rank_down=adapter.shape.rank_down,
-            rank_mid=adapter.shape.rank_mid,
-            alpha=adapter.shape.effective_alpha,
-            scale=adapter.shape.scale,
-            base_arch=adapter.base_arch,
-            hidden_size=adapter.hidden_size,
-            fingerprint=adapter.fingerprint,
-            lomd_fingerprint=adapter.lomd_fingerprint,
-            targets=len(adapter.targets),
-            target_names=adapter.targets,
-            training=adapter.training,
-        )
+        if kind == "lomd":
+            summary["layout"] = metadata.get("format", "foreign (auto-detected)")
+        else:
+            summary.update(lomd_fingerprint=parsed.lomd_fingerprint, training=parsed.training)
     else:
         ranks = sorted(
             {
