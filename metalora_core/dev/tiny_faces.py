@@ -185,3 +185,31 @@ def draw_face_marker(image: np.ndarray, box: tuple[float, float, float, float]) 
     frame[max(y0 + band, 0) : max(y1 - band, 0), max(x0 + band, 0) : max(x1 - band, 0)] = False
     out[frame] = colour
     return out
+
+
+def marker_box(
+    image_hw: tuple[int, int], center: tuple[int, int], side: int, det_size: int = 640
+) -> tuple[float, float, float, float]:
+    """Image-pixel box of a marker the tiny detector finds at ``det_size``: ``side`` in MARKER_SIDES
+    (detector pixels) centred on ``center`` = (x, y) detector pixels, a multiple of ``side / 4``."""
+    if side not in MARKER_SIDES:
+        raise ValueError(f"side must be one of {MARKER_SIDES} detector pixels")
+    stride = side // 4
+    if center[0] % stride or center[1] % stride:
+        raise ValueError(f"center must lie on the stride-{stride} anchor grid")
+    scale = det_size / max(image_hw)
+    cx, cy = center
+    return (
+        (cx - side / 2) / scale,
+        (cy - side / 2) / scale,
+        (cx + side / 2) / scale,
+        (cy + side / 2) / scale,
+    )
+
+
+def paint_markers(image: np.ndarray, markers, det_size: int = 640) -> np.ndarray:
+    """Paint tiny-detector faces: ``markers`` are ((x, y) detector-pixel centre, side) pairs."""
+    out = image
+    for center, side in markers:
+        out = draw_face_marker(out, marker_box(image.shape[:2], center, side, det_size))
+    return out
