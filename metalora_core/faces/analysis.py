@@ -117,11 +117,10 @@ class FaceAnalyzer:
         with self.model.lock:
             raw = np.asarray(rec.get(bgr, iface), np.float64).reshape(-1)
         norm = np.linalg.norm(raw)
-        face.embedding = (raw / norm if norm > 0 else raw).astype(np.float32)
-        face.aligned = face_align.norm_crop(
+        aligned = face_align.norm_crop(
             rgb, landmark=face.kps.astype(np.float32), image_size=rec.input_size[0]
         )
-        return face
+        return replace(face, embedding=(raw / norm if norm > 0 else raw).astype(np.float32), aligned=aligned)
 
     # -- the public one-stop call ----------------------------------------------------------------------
     def analyze(self, image, index: int = 0) -> ImageFaces:
