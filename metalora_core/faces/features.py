@@ -96,10 +96,13 @@ def load_clip(folder: str | os.PathLike) -> FeatureModel:
         raise MetaLoRAError(
             f"{folder}: not a loadable transformers CLIP model ({type(exc).__name__}: {exc})"
         ) from None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    except Exception:
-        tokenizer = None  # CLIP-I still works; CLIP-T is reported as skipped
+    tokenizer = None  # without tokenizer files CLIP-I still works and CLIP-T is reported as skipped
+    if any((folder / f).is_file() for f in ("tokenizer.json", "vocab.json", "tokenizer_config.json")):
+        # (transformers would otherwise build an EMPTY default CLIP tokenizer: meaningless text embeddings)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        except Exception as exc:
+            raise MetaLoRAError(f"{folder}: tokenizer files present but unreadable ({exc})") from None
     size, mean, std = _preprocessing(folder, model.config.vision_config.image_size, CLIP_MEAN, CLIP_STD)
     return FeatureModel("clip", model, size, mean, std, tokenizer)
 
