@@ -27,16 +27,8 @@ def feature_dirs(tmp_path_factory):
     clip.save_pretrained(root / "clip")
     clip.save_pretrained(root / "clip_no_tokenizer")
     CLIPTokenizer().save_pretrained(root / "clip")  # bos/eos/pad only: every word is <unk>, enough to run
-    dino = Dinov2Model(
-        Dinov2Config(
-            hidden_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=64,
-            image_size=32,
-            patch_size=8,
-        )
-    )
+    dino_cfg = dict(vision, num_hidden_layers=1)  # the same tiny ViT sizes as CLIP's vision tower
+    dino = Dinov2Model(Dinov2Config(**dino_cfg))
     dino.save_pretrained(root / "dino")
     return root
 
