@@ -10,6 +10,7 @@ Embeddings are L2-normalised (cosine = dot product) and cached per image content
 from __future__ import annotations
 
 import threading
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 
@@ -117,12 +118,14 @@ class FaceAnalyzer:
         iface = InsightFace(
             bbox=face.bbox.astype(np.float32), kps=face.kps.astype(np.float32), det_score=face.det_score
         )
-        with self.model.lock:
+        with self.model.lock, warnings.catch_warnings():
+            # insightface's face_align calls scikit-image's deprecated SimilarityTransform.estimate: noise
+            warnings.filterwarnings("ignore", category=FutureWarning, module="insightface")
             raw = np.asarray(rec.get(bgr, iface), np.float64).reshape(-1)
+            aligned = face_align.norm_crop(
+                rgb, landmark=face.kps.astype(np.float32), image_size=rec.input_size[0]
+            )
         norm = np.linalg.norm(raw)
-        aligned = face_align.norm_crop(
-            rgb, landmark=face.kps.astype(np.float32), image_size=rec.input_size[0]
-        )
         return replace(face, embedding=(raw / norm if norm > 0 else raw).astype(np.float32), aligned=aligned)
 
     # -- the public one-stop call ----------------------------------------------------------------------
