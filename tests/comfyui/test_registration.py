@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from tests.comfyui.graphs import loaders
 from tests.comfyui.harness import PACK_NAME, REPO
 
 NODES = {
@@ -41,6 +42,20 @@ def test_dropdowns_list_the_model_folders(comfy):
         lomds
     )
     assert '"tiny"' in json.dumps(faces)
+    assert "lomd_extra.safetensors" in json.dumps(lomds)  # from extra_model_paths.yaml
+
+
+def test_lomd_from_extra_model_paths_loads(comfy):
+    from tests.comfyui.graphs import apply, probe
+
+    result = comfy.run(
+        {
+            **loaders(lomd="lomd_extra.safetensors"),
+            "apply": apply(["unet", 0], 1.0),
+            "p": probe(["apply", 0], "extra_lomd"),
+        }
+    )
+    assert result.status == "success", result.error
 
 
 def test_example_workflows_are_listed_and_served(comfy):
@@ -56,7 +71,10 @@ def test_example_workflows_are_listed_and_served(comfy):
 def test_front_end_extension_is_served(comfy):
     extensions = comfy.get("/extensions")
     ours = [e for e in extensions if e.startswith(f"/extensions/{PACK_NAME}/")]
-    assert f"/extensions/{PACK_NAME}/metalora.js" in ours and f"/extensions/{PACK_NAME}/metalora_chart.js" in ours
+    assert (
+        f"/extensions/{PACK_NAME}/metalora.js" in ours
+        and f"/extensions/{PACK_NAME}/metalora_chart.js" in ours
+    )
     import urllib.request
 
     with urllib.request.urlopen(comfy.url + f"/extensions/{PACK_NAME}/metalora.js", timeout=30) as resp:
