@@ -124,3 +124,23 @@ def test_lomd_that_does_not_fit_is_a_clear_node_error(comfy):
     message = err["exception_message"]
     assert "double_blocks.0.img_attn.qkv" in message or "layer '" in message
     assert "(4, 256)" in message and "128)" in message, message  # LoMD Down shape and the model's shape
+
+
+def test_apply_on_fp8_weights(comfy, comfy_base):
+    """ComfyUI stores the weights in fp8 and patches in its intermediate dtype: Apply still works there, and
+    the patched model matches the float32 patched model to fp8 rounding rather than the unpatched one."""
+    t32, t8, t8_base = _tag("f32"), _tag("fp8"), _tag("fp8_base")
+    graph = {
+        **loaders(),
+        "unet8": node("UNETLoader", unet_name="tiny_flux.safetensors", weight_dtype="fp8_e4m3fn"),
+        "a32": apply(["unet", 0], 1.0),
+        "a8": apply(["unet8", 0], 1.0),
+        "p32": probe(["a32", 0], t32),
+        "p8": probe(["a8", 0], t8),
+        "p8_base": probe(["unet8", 0], t8_base, after=["a8", 0]),
+    }
+    result = comfy.run(graph)
+    assert result.status == "success", result.error
+    out32, out8, base8 = (probe_output(comfy_base, t) for t in (t32, t8, t8_base))
+    assert (out8 - base8).abs().max() > 1e-3
+    assert (out8 - out32).abs().max() < (base8 - out32).abs().max()

@@ -72,3 +72,24 @@ def test_unsafe_filename_is_refused(comfy):
         }
     )
     assert result.status == "error" and "not allowed" in result.error["exception_message"]
+
+
+def test_broken_lomd_file_is_a_clear_node_error(comfy):
+    result = comfy.run(
+        {
+            "lomd": node("MetaLoRALoadLoMD", lomd_name="lomd_broken.safetensors"),
+            "identity": node("MetaLoRALoadIdentity", identity_name="identity.safetensors"),
+            "export": node(
+                "MetaLoRAExportLoRA",
+                lomd=["lomd", 0],
+                identity=["identity", 0],
+                filename="never_written",
+                strength=1.0,
+                dtype="fp32",
+                overwrite=False,
+            ),
+        }
+    )
+    assert result.status == "error" and result.error["node_type"] == "MetaLoRALoadLoMD"
+    assert "lomd_broken.safetensors" in result.error["exception_message"]
+    assert "not a readable safetensors file" in result.error["exception_message"]
