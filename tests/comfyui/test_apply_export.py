@@ -8,7 +8,7 @@ import uuid
 
 import torch
 
-from tests.comfyui.graphs import apply, loaders, probe, probe_output, sampler, saved_latent
+from tests.comfyui.graphs import apply, export_graph, loaders, probe, probe_output, sampler, saved_latent
 from tests.comfyui.harness import node
 
 # Apply adds strength * scale * (Up @ Mid) @ Down in float32; the exported LoRA folds Up @ Mid in float64
@@ -44,25 +44,9 @@ def test_apply_changes_sampling_and_leaves_the_input_model_alone(comfy, comfy_ba
     assert (probe_output(comfy_base, patched) - base_before).abs().max() > 1e-3
 
 
-def _export_graph(filename: str, strength: float, dtype: str) -> dict:
-    return {
-        "lomd": node("MetaLoRALoadLoMD", lomd_name="lomd.safetensors"),
-        "identity": node("MetaLoRALoadIdentity", identity_name="identity.safetensors"),
-        "export": node(
-            "MetaLoRAExportLoRA",
-            lomd=["lomd", 0],
-            identity=["identity", 0],
-            filename=filename,
-            strength=strength,
-            dtype=dtype,
-            overwrite=False,
-        ),
-    }
-
-
 def test_exported_lora_through_stock_loader_equals_apply(comfy, comfy_base):
     name = _tag("exported")
-    export = comfy.run(_export_graph(name, 1.0, "fp32"))
+    export = comfy.run(export_graph(name, 1.0, "fp32"))
     assert export.status == "success", export.error
     assert (comfy_base / "models" / "loras" / f"{name}.safetensors").is_file()
     t_apply, t_lora, t_base = _tag("apply"), _tag("lora"), _tag("base")
@@ -83,7 +67,7 @@ def test_exported_lora_through_stock_loader_equals_apply(comfy, comfy_base):
     assert (out_apply - probe_output(comfy_base, t_base)).abs().max() > 1e-3
     assert torch.allclose(out_apply, out_lora, atol=ATOL, rtol=ATOL), (out_apply - out_lora).abs().max()
     # exporting again under the same name is refused (no silent overwrite)
-    again = comfy.run(_export_graph(name, 0.5, "bf16"))
+    again = comfy.run(export_graph(name, 0.5, "bf16"))
     assert again.status == "error" and "already exists" in again.error["exception_message"]
 
 
