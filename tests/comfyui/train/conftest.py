@@ -98,6 +98,11 @@ def load_flux(comfy, path: Path, dtype: torch.dtype):
 
 
 @pytest.fixture(scope="session")
+def load(comfy):
+    return lambda path, dtype: load_flux(comfy, path, dtype)
+
+
+@pytest.fixture(scope="session")
 def flux64(comfy, tiny_bfl):
     """The tiny FLUX in float64, its inference-mode weights made autograd-usable as the backend does."""
     patcher = load_flux(comfy, tiny_bfl, torch.float64)
