@@ -7,7 +7,7 @@ The training loop (``metalora_core.training``) only sees the protocol; this clas
 - the velocity is ComfyUI FLUX's raw output: ``Flux`` is fed unpacked latents ``(B, 16, H, W)``, the
   timestep as the flow time ``t = sigma`` in [0, 1] (ComfyUI's ``ModelSamplingFlux.timestep`` is the
   identity; the model scales by 1000 inside its embedding, as BFL and diffusers do), the distilled guidance
-  as a plain number (3.5, not multiplied), context and pooled vector in the compute dtype. ComfyUI's
+  as a plain number (3.5, not multiplied; ``None`` = 1.0 like the standalone backend), context and pooled vector in the compute dtype. ComfyUI's
   ``calculate_denoised(x_t) = x_t - sigma * out`` confirms ``out = noise - x0``, the protocol's velocity;
 - heads enter through out-of-place block replacements registered with ``set_model_patch_replace`` on a
   clone that exists only inside :meth:`adapters` (see :mod:`.patches`).
@@ -157,8 +157,10 @@ class ComfyFluxBackend:
         b = x_t.shape[0]
         context, pooled = cond.batch(b, self.device, self.dtype)
         g = None
-        if guidance is not None and self.dims.guidance:
-            g = torch.full((b,), float(guidance), device=self.device, dtype=self.dtype)
+        if self.dims.guidance:  # None means 1.0 (unguided), as in the standalone DiffusersFluxBackend
+            g = torch.full(
+                (b,), 1.0 if guidance is None else float(guidance), device=self.device, dtype=self.dtype
+            )
         patcher = self._active if self._active is not None else self.patcher
         options = dict(patcher.model_options.get("transformer_options", {}))
         t = t.to(self.device, torch.float32).reshape(b)
