@@ -10,10 +10,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from metalora_core.errors import MetaLoRAError
 from metalora_core.targets import FluxDims
+from metalora_core.training.data import AugmentConfig, face_loss_weights, make_views
 from metalora_core.training.protocol import Progress, TextConditioning
 
 PROGRESS_EVENT = "metalora.train_progress"
@@ -107,3 +109,42 @@ def eta_text(seconds: float) -> str:
         return "?"
     minutes, secs = divmod(int(round(seconds)), 60)
     return f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
+
+
+def square_crop(
+    photo: np.ndarray, face_box: tuple[float, float, float, float] | None = None
+) -> tuple[np.ndarray, tuple | None]:
+    """The largest square of ``photo`` (centred on the face if given), for training without buckets."""
+    h, w = photo.shape[:2]
+    side = min(h, w)
+    cx, cy = (
+        (w / 2, h / 2)
+        if face_box is None
+        else ((face_box[0] + face_box[2]) / 2, (face_box[1] + face_box[3]) / 2)
+    )
+    left = int(min(max(round(cx - side / 2), 0), w - side))
+    top = int(min(max(round(cy - side / 2), 0), h - side))
+    box = (
+        None
+        if face_box is None
+        else (face_box[0] - left, face_box[1] - top, face_box[2] - left, face_box[3] - top)
+    )
+    return photo[top : top + side, left : left + side], box
+
+
+def training_views(
+    photo: np.ndarray,
+    n: int,
+    resolution: int,
+    bucketing: bool,
+    strength: float,
+    seed: int,
+    face_box: tuple[float, float, float, float] | None = None,
+) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    """``n`` augmented views of ``photo`` as a ComfyUI IMAGE batch ``(N, H, W, 3)`` in [0, 1] (what
+    ``VAE.encode`` takes), plus per-view latent loss masks when a face box is given."""
+    if not bucketing:
+        photo, face_box = square_crop(photo, face_box)
+    views = make_views(photo, n, resolution, face_box, seed, AugmentConfig(strength=strength))
+    pixels = torch.from_numpy(np.stack(views.images)).float() / 255.0
+    return pixels, face_loss_weights(views)

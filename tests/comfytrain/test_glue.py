@@ -75,3 +75,30 @@ def test_activation_memory_grows_with_size_and_checkpointing_saves(glue):
 
 def test_eta_text(glue):
     assert glue.eta_text(65) == "1m 05s" and glue.eta_text(9.4) == "9s" and glue.eta_text(float("inf")) == "?"
+
+
+def _photo(h=300, w=200, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy()
+
+
+def test_training_views_are_an_image_batch_at_the_photos_bucket(glue):
+    pixels, weights = glue.training_views(_photo(), 3, 256, True, 0.5, seed=1)
+    assert pixels.shape[0] == 3 and pixels.shape[-1] == 3 and pixels.dtype == torch.float32
+    assert pixels.shape[1] > pixels.shape[2]  # portrait photo -> portrait bucket
+    assert 0.0 <= float(pixels.min()) and float(pixels.max()) <= 1.0 and weights is None
+    again, _ = glue.training_views(_photo(), 3, 256, True, 0.5, seed=1)
+    assert torch.equal(pixels, again)
+
+
+def test_training_views_without_bucketing_are_square_with_face_masks(glue):
+    pixels, weights = glue.training_views(_photo(), 2, 256, False, 0.0, seed=0, face_box=(60, 200, 140, 280))
+    assert pixels.shape[1] == pixels.shape[2] == 256
+    assert weights is not None and len(weights) == 2 and weights[0].shape == (1, 32, 32)
+    assert float(weights[0].max()) > float(weights[0].min())  # the face region weighs more
+
+
+def test_square_crop_keeps_the_face(glue):
+    crop, box = glue.square_crop(_photo(300, 200), (60, 240, 140, 290))
+    assert crop.shape[:2] == (200, 200)
+    assert 0 <= box[1] and box[3] <= 200 and box[0] == 60  # shifted down to hold the face, x unchanged
