@@ -69,22 +69,32 @@ def check_flux1(model_patcher) -> nn.Module:
     return dm
 
 
-def materialize_inference_tensors(module: nn.Module) -> int:
+def materialize_inference_tensors(module: nn.Module, device: torch.device | None = None) -> int:
     """Replace parameters / buffers created under ``torch.inference_mode`` by normal copies (same values).
 
     ComfyUI runs nodes under inference mode, so the weights of a model loaded there are inference tensors,
     which autograd refuses to save for backward (it must, for the input gradient of every linear). ComfyUI
-    clones them the same way itself (``comfy.utils.set_attr_param``); one tensor at a time, so the peak is
-    one layer, and only tensors used in place are affected (offloaded layers are cast to fresh copies).
+    clones them the same way itself (``comfy.utils.set_attr_param``). Only tensors on ``device`` (the compute
+    device) are used in place; weights kept elsewhere (offloaded, or streamed by the dynamic loader) are cast
+    to fresh copies on every forward, so they are left alone. One tensor at a time: the peak is one layer.
     """
     count = 0
+
+    def on_device(t: torch.Tensor) -> bool:
+        if device is None:
+            return True
+        return t.device.type == device.type and (device.index is None or t.device.index == device.index)
+
+    def wanted(t: torch.Tensor | None) -> bool:
+        return t is not None and t.is_inference() and on_device(t)
+
     for m in module.modules():
         for name, p in list(m._parameters.items()):
-            if p is not None and p.is_inference():
+            if wanted(p):
                 m._parameters[name] = nn.Parameter(p.clone(), requires_grad=False)
                 count += 1
         for name, b in list(m._buffers.items()):
-            if b is not None and b.is_inference():
+            if wanted(b):
                 m._buffers[name] = b.clone()
                 count += 1
     return count
@@ -114,7 +124,7 @@ class ComfyFluxBackend:
         as fit and streams the rest per layer (low-VRAM mode), exactly as when sampling.
         """
         comfy.model_management.load_models_gpu([self.patcher], memory_required=self.memory_required)
-        materialize_inference_tensors(self.diffusion_model)
+        materialize_inference_tensors(self.diffusion_model, self.device)
         was_training = comfy.model_management.in_training
         comfy.model_management.in_training = True  # ComfyUI's autograd-safe RoPE path
         self.patcher.pre_run()

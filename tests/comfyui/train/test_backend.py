@@ -138,3 +138,15 @@ def test_not_flux_is_refused(backend_mod):
 
     with pytest.raises(MetaLoRAError, match="MODEL input"):
         backend_mod.ComfyFluxBackend(NotAPatcher())
+
+
+def test_only_inference_tensors_on_the_compute_device_are_copied(backend_mod):
+    with torch.inference_mode():
+        layer = torch.nn.Linear(3, 2)
+    before = layer.weight
+    assert backend_mod.materialize_inference_tensors(layer, torch.device("meta")) == 0  # elsewhere: kept
+    assert layer.weight is before
+    assert backend_mod.materialize_inference_tensors(layer, torch.device("cpu")) == 2
+    assert not layer.weight.is_inference() and torch.equal(layer.weight, before)
+    assert not layer.weight.requires_grad
+    assert backend_mod.materialize_inference_tensors(layer) == 0  # nothing left to copy
