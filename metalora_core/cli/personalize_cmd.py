@@ -228,7 +228,21 @@ def _random_conditioning(args) -> int:
     return 0
 
 
+def _tiny_pipeline(args) -> int:
+    from ..dev.tiny_pipeline import write_tiny_pipeline
+
+    print(json.dumps({"written": str(write_tiny_pipeline(args.out, seed=args.seed))}))
+    return 0
+
+
 def register_dev(dsub) -> None:
+    p = dsub.add_parser(
+        "tiny-pipeline",
+        help="a tiny FLUX pipeline folder (transformer, vae, CLIP + T5 text encoders, tokenizers)",
+    )
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_tiny_pipeline)
     p = dsub.add_parser("tiny-vae", help="a tiny FLUX-shaped diffusers VAE (16 latent channels, 8x)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seed", type=int, default=0)

@@ -85,3 +85,19 @@ def test_personalize_user_errors(kit, tmp_path, capsys):
     args[args.index("--image") + 1] = str(bad)
     assert main(args) == 2 and "not a readable image" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_personalize_from_a_pipeline_folder(kit, tmp_path, capsys):
+    """FLUX.1-dev's layout: VAE and both text encoders come from the folder, read offline."""
+    pipe = tmp_path / "pipe"
+    assert main(["dev", "tiny-pipeline", "--out", str(pipe)]) == 0
+    out = tmp_path / "p.safetensors"
+    args = [
+        "personalize", "--flux", str(pipe), "--lomd", str(kit / "lomd.safetensors"), "--image",
+        str(kit / "photo.png"), "--out", str(out), "--steps", "3", "--resolution", "128", "--views", "2",
+        "--quiet", "--caption", "{trigger} {class} in the garden",
+    ]  # fmt: skip
+    assert main(args) == 0
+    adapter = load_identity(out)
+    assert adapter.training["caption"] == "ohwx person in the garden" and adapter.training["steps_done"] == 3
+    assert (tmp_path / "p.loss.png").is_file()
