@@ -178,3 +178,17 @@ def test_separate_mid_up_lrs_and_bad_input(backend, lomd, views, cond):
         personalize(backend, lomd, [views[0], torch.zeros(16, 4, 4)], cond, PersonalizeConfig(steps=1))
     with pytest.raises(MetaLoRAError, match="schedule"):
         personalize(backend, lomd, views, cond, PersonalizeConfig(steps=1, schedule="wavy"))
+
+
+def test_checkpointing_and_bf16_in_the_loop(backend, lomd, views, cond):
+    plain = personalize(backend, lomd, views, cond, PersonalizeConfig(steps=3, **FAST))
+    ckpt = personalize(
+        backend, lomd, views, cond, PersonalizeConfig(steps=3, gradient_checkpointing=True, **FAST)
+    )
+    for k in plain.adapter.ups:  # recomputation in backward: the same numbers up to float32 rounding
+        assert torch.allclose(plain.adapter.ups[k], ckpt.adapter.ups[k], rtol=1e-4, atol=1e-7)
+    assert not backend.model.gradient_checkpointing  # switched off again afterwards
+    bf16 = personalize(backend, lomd, views, cond, PersonalizeConfig(steps=3, bf16=True, **FAST))
+    assert all(math.isfinite(v) for v in bf16.losses)
+    assert all(t.dtype == torch.float32 for t in bf16.adapter.ups.values())
+    assert bf16.losses != plain.losses  # autocast really ran the forward in bf16
