@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import importlib.util
 import os
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 
 import torch
@@ -40,12 +38,10 @@ def import_comfy(comfy_path: str, stub_root: Path) -> None:
 
 
 def pack_backend():
-    """nodes/comfy_training/backend.py under a package alias (``nodes`` is ComfyUI's own module)."""
-    for pkg, path in (("metalora_bench_pack", REPO), ("metalora_bench_pack.nodes", REPO / "nodes")):
-        module = types.ModuleType(pkg)
-        module.__path__ = [str(path)]
-        sys.modules[pkg] = module
-    return importlib.import_module("metalora_bench_pack.nodes.comfy_training.backend")
+    """nodes/comfy_training/backend.py inside the pack package, as ComfyUI loads it (see tests/pack_import)."""
+    from tests.pack_import import pack_module
+
+    return pack_module("comfy_training.backend")
 
 
 def main() -> None:

@@ -16,11 +16,10 @@ import numpy as np
 import torch
 from comfy_api.latest import io
 
-from metalora_core.errors import MetaLoRAError
-from metalora_core.training.personalize import PersonalizeConfig, personalize
-from metalora_core.training.protocol import Progress, TrainingCancelled
-from metalora_core.training.schedules import SCHEDULES
-
+from ..metalora_core.errors import MetaLoRAError
+from ..metalora_core.training.personalize import PersonalizeConfig, personalize
+from ..metalora_core.training.protocol import Progress, TrainingCancelled
+from ..metalora_core.training.schedules import SCHEDULES
 from .comfy_training.backend import ComfyFluxBackend
 from .comfy_training.glue import (
     PROGRESS_EVENT,

@@ -24,11 +24,10 @@ import comfy.model_management
 import torch
 from torch import nn
 
-from metalora_core.adapter import IdentityHead
-from metalora_core.errors import MetaLoRAError
-from metalora_core.targets import FluxDims
-from metalora_core.training.protocol import TextConditioning
-
+from ...metalora_core.adapter import IdentityHead
+from ...metalora_core.errors import MetaLoRAError
+from ...metalora_core.targets import FluxDims
+from ...metalora_core.training.protocol import TextConditioning
 from .patches import replacements
 
 

@@ -13,10 +13,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from metalora_core.errors import MetaLoRAError
-from metalora_core.targets import FluxDims
-from metalora_core.training.data import AugmentConfig, face_loss_weights, make_views
-from metalora_core.training.protocol import Progress, TextConditioning
+from ...metalora_core.errors import MetaLoRAError
+from ...metalora_core.targets import FluxDims
+from ...metalora_core.training.data import AugmentConfig, face_loss_weights, make_views
+from ...metalora_core.training.protocol import Progress, TextConditioning
 
 PROGRESS_EVENT = "metalora.train_progress"
 

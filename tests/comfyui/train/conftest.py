@@ -6,17 +6,16 @@ COMFYUI_PATH every test here skips with the reason.
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import os
 import sys
-import types
 from pathlib import Path
 
 import pytest
 import torch
 
 from metalora_core.dev.tiny_flux import TINY_DIMS, write_tiny_flux
+from tests.pack_import import pack_module
 
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
 
@@ -50,24 +49,6 @@ def comfy(tmp_path_factory):
     import comfy.sd
 
     return comfy
-
-
-REPO = Path(__file__).resolve().parents[3]
-PACK = "metalora_pack_under_test"
-
-
-def pack_module(name: str):
-    """Import ``nodes.<name>`` of this repository as ComfyUI would: inside the pack's own package.
-
-    In-process, ``nodes`` is ComfyUI's own nodes.py, so our ``nodes/`` is reached under a package alias
-    (empty stand-ins for the pack root and ``nodes/``, so their ``__init__`` side effects do not run).
-    """
-    for pkg, path in ((PACK, REPO), (f"{PACK}.nodes", REPO / "nodes")):
-        if pkg not in sys.modules:
-            module = types.ModuleType(pkg)
-            module.__path__ = [str(path)]
-            sys.modules[pkg] = module
-    return importlib.import_module(f"{PACK}.nodes.{name}")
 
 
 @pytest.fixture(scope="session")
