@@ -39,9 +39,10 @@ def import_comfy(comfy_path: str, stub_root: Path) -> None:
 
 def pack_backend():
     """nodes/comfy_training/backend.py inside the pack package, as ComfyUI loads it (see tests/pack_import)."""
-    from tests.pack_import import pack_module
-
-    return pack_module("comfy_training.backend")
+    spec = importlib.util.spec_from_file_location("metalora_pack_import", REPO / "tests" / "pack_import.py")
+    helper = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(helper)
+    return helper.pack_module("comfy_training.backend")
 
 
 def main() -> None:
