@@ -150,3 +150,22 @@ def test_bad_inputs_are_named(node, flux32, inputs, server, override, match):
 
     with pytest.raises(MetaLoRAError, match=match):
         _run(node, flux32, {**inputs, **override})
+
+
+def test_example_workflow_matches_the_node(node):
+    """The example's Train Identity widgets are the node's widget inputs, in order, at their defaults."""
+    import json
+    from pathlib import Path
+
+    path = (
+        Path(__file__).resolve().parents[3] / "example_workflows" / "personalize_and_generate_flux1_dev.json"
+    )
+    workflow = json.loads(path.read_text())
+    (train,) = [n for n in workflow["nodes"] if n["type"] == "MetaLoRATrainIdentity"]
+    schema = node.define_schema()
+    widgets = [i for i in schema.inputs if i.get_io_type() in ("INT", "FLOAT", "BOOLEAN", "COMBO")]
+    assert [i.default for i in widgets] == train["widgets_values"]
+    sockets = {i.id for i in schema.inputs} - {i.id for i in widgets}
+    linked = {i["name"] for i in train["inputs"] if i["link"] is not None}
+    assert sockets <= linked  # every socket input is wired
+    assert Path(path.with_suffix(".jpg")).stat().st_size < 50_000
