@@ -29,6 +29,7 @@ DETECTOR_FILE = "det_tiny.onnx"
 EMBEDDING_DIM = 512
 _THRESHOLD = 1.2  # band-minus-ring mean of (R+B)/2 - G that counts as a marker (magenta gives ~1.99)
 _GAIN = 10.0
+_RING_WEIGHT = 2.0  # magenta around the frame (a bigger marker seen by a smaller window) vetoes it
 # ArcFace's 5-point template in the 112 px crop (insightface.utils.face_align.arcface_dst)
 _ARCFACE_DST = np.array(
     [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],
@@ -44,7 +45,7 @@ def _marker_kernel(stride: int) -> np.ndarray:
     cheb = np.maximum(np.maximum(-yy - 0.5, yy + 0.5), np.maximum(-xx - 0.5, xx + 0.5))
     band = (cheb > s) & (cheb < 2 * s)
     ring = cheb > 2 * s
-    spatial = band / band.sum() - ring / ring.sum()
+    spatial = band / band.sum() - _RING_WEIGHT * ring / ring.sum()
     colour = np.array([0.5, -1.0, 0.5])  # blob channels are R, G, B (SCRFD swaps BGR->RGB)
     return (colour[:, None, None] * spatial[None]).astype(np.float32)[None]
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -103,7 +103,8 @@ class FaceAnalyzer:
         return [], None
 
     def embed(self, image, face: Face) -> Face:
-        """Fill ``face.embedding`` (unit length) and ``face.aligned`` with insightface's ArcFace + norm_crop."""
+        """A copy of ``face`` with ``embedding`` (unit length) and ``aligned`` from insightface's ArcFace and
+        norm_crop (a copy: faces held in the cache are never changed)."""
         from insightface.app.common import Face as InsightFace
         from insightface.utils import face_align
 
@@ -116,11 +117,10 @@ class FaceAnalyzer:
         with self.model.lock:
             raw = np.asarray(rec.get(bgr, iface), np.float64).reshape(-1)
         norm = np.linalg.norm(raw)
-        face.embedding = (raw / norm if norm > 0 else raw).astype(np.float32)
-        face.aligned = face_align.norm_crop(
+        aligned = face_align.norm_crop(
             rgb, landmark=face.kps.astype(np.float32), image_size=rec.input_size[0]
         )
-        return face
+        return replace(face, embedding=(raw / norm if norm > 0 else raw).astype(np.float32), aligned=aligned)
 
     # -- the public one-stop call ----------------------------------------------------------------------
     def analyze(self, image, index: int = 0) -> ImageFaces:
@@ -151,7 +151,7 @@ class FaceAnalyzer:
             return ImageFaces(None, [], None, hw, f"no face found (detector sizes tried: {sizes})")
         if index < 0 or index >= len(faces):
             return ImageFaces(None, faces, size, hw, f"face #{index} asked for, but only {len(faces)} found")
-        face = self.embed(rgb, faces[index])
+        face = faces[index] = self.embed(rgb, faces[index])
         note = f"{len(faces)} faces found, using #{index} (largest first)" if len(faces) > 1 else ""
         return ImageFaces(face, faces, size, hw, note)
 

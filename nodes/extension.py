@@ -1,0 +1,30 @@
+"""The ComfyExtension listing every node of the pack (imported only by ComfyUI, through the entry point)."""
+
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+from .apply import MetaLoRAApply
+from .export import MetaLoRAExportLoRA
+from .faces import MetaLoRAFaceCrop, MetaLoRAFaceSimilarity
+from .files import MetaLoRALoadIdentity, MetaLoRALoadLoMD, MetaLoRASaveIdentity
+from .model_folders import register_model_folders
+
+NODES: list[type[io.ComfyNode]] = [
+    MetaLoRALoadLoMD,
+    MetaLoRAApply,
+    MetaLoRASaveIdentity,
+    MetaLoRALoadIdentity,
+    MetaLoRAExportLoRA,
+    MetaLoRAFaceCrop,
+    MetaLoRAFaceSimilarity,
+]
+
+
+class MetaLoRAExtension(ComfyExtension):
+    async def on_load(self) -> None:
+        register_model_folders()
+
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        register_model_folders()  # before any schema lists the folders' files
+        return NODES

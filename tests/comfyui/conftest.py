@@ -1,0 +1,95 @@
+"""Fixtures for tests against a real ComfyUI: skipped (with the reason) unless COMFYUI_PATH is set.
+
+Run: ``COMFYUI_PATH=/path/to/ComfyUI /path/to/comfy-venv/bin/python -m pytest tests/comfyui -x -q``
+(COMFYUI_PYTHON picks another interpreter for the server; default: the one running pytest).
+
+One server per session (start-up is the slow part). The base folder holds:
+- models/diffusion_models/tiny_flux.safetensors (hidden 128, context 64, pooled 32) and tiny_flux_256 (hidden 256)
+- models/metalora/lomd.safetensors + identity.safetensors (random, non-zero Up), lomd_misfit.safetensors
+  (made for the hidden-256 model, so it does not fit tiny_flux)
+- models/insightface/models/tiny/ (tiny ONNX detector + recognizer; the detector finds magenta frames)
+- input/face_a.png, face_a2.png, face_b.png (painted faces), noface.png
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.comfyui.harness import ComfyServer, build_base_dir
+
+TINY = {"context_dim": 64, "pooled_dim": 32}
+
+
+def _images(folder: Path) -> dict[str, Path]:
+    from PIL import Image
+
+    from metalora_core.dev.tiny_faces import paint_markers
+
+    rng = np.random.default_rng(0)
+    base = rng.integers(60, 200, size=(512, 512, 3), dtype=np.uint8)
+    other = rng.integers(60, 200, size=(512, 512, 3), dtype=np.uint8)
+    images = {
+        "face_a.png": paint_markers(base, [((320, 320), 128)]),
+        "face_a2.png": paint_markers(base, [((320, 320), 128)]),  # same face again: another "real photo"
+        "face_b.png": paint_markers(other, [((256, 256), 128)]),
+        "noface.png": base,
+    }
+    out = {}
+    for name, arr in images.items():
+        Image.fromarray(arr).save(folder / name)
+        out[name] = folder / name
+    return out
+
+
+@pytest.fixture(scope="session")
+def comfyui_path() -> Path:
+    path = os.environ.get("COMFYUI_PATH")
+    if not path:
+        pytest.skip("COMFYUI_PATH is not set: tests against a real ComfyUI need a ComfyUI checkout")
+    if not (Path(path) / "main.py").is_file():
+        pytest.fail(f"COMFYUI_PATH={path} has no main.py")
+    return Path(path)
+
+
+@pytest.fixture(scope="session")
+def comfy_base(comfyui_path, tmp_path_factory) -> Path:
+    """The ComfyUI base folder with the tiny models, LoMDs, identity, face models and input photos."""
+    from metalora_core.adapter import AdapterShape
+    from metalora_core.dev.random_assets import random_adapter, random_lomd
+    from metalora_core.dev.tiny_faces import write_tiny_face_models
+    from metalora_core.dev.tiny_flux import TINY_DIMS, tiny_dims, write_tiny_flux
+    from metalora_core.formats import save_identity, save_lomd
+
+    base = build_base_dir(tmp_path_factory.mktemp("comfy_base"))
+    models = base / "models"
+    flux = write_tiny_flux(models / "diffusion_models" / "tiny_flux.safetensors", "bfl", TINY_DIMS, seed=0)
+    big = write_tiny_flux(
+        models / "diffusion_models" / "tiny_flux_256.safetensors", "bfl", tiny_dims(hidden=256), seed=0
+    )
+    lomd = random_lomd(flux, AdapterShape(4, 8), "attn_mlp", seed=1)
+    save_lomd(models / "metalora" / "lomd.safetensors", lomd)
+    save_identity(
+        models / "metalora" / "identity.safetensors", random_adapter(lomd, flux, seed=2, up_std=0.05)
+    )
+    misfit = random_lomd(big, AdapterShape(4, 8), "attn_mlp", seed=3)
+    save_lomd(models / "metalora" / "lomd_misfit.safetensors", misfit)
+    save_identity(
+        models / "metalora" / "identity_misfit.safetensors", random_adapter(misfit, big, seed=4, up_std=0.05)
+    )
+    write_tiny_face_models(models, "tiny", seed=0)
+    _images(base / "input")
+    return base
+
+
+@pytest.fixture(scope="session")
+def comfy(comfyui_path, comfy_base):
+    """A running ComfyUI (session-scoped), stopped cleanly at the end."""
+    server = ComfyServer(comfyui_path, comfy_base).start()
+    try:
+        yield server
+    finally:
+        server.stop()
