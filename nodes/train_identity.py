@@ -17,6 +17,7 @@ import torch
 from comfy_api.latest import io
 
 from ..metalora_core.errors import MetaLoRAError
+from ..metalora_core.faces import face_box
 from ..metalora_core.training.personalize import PersonalizeConfig, personalize
 from ..metalora_core.training.protocol import Progress, TrainingCancelled
 from ..metalora_core.training.schedules import SCHEDULES
@@ -30,12 +31,14 @@ from .comfy_training.glue import (
     text_conditioning,
     training_views,
 )
+from .faces import analyzer_for
+from .model_folders import face_models
+from .types import CATEGORY, IdentityType, LoMDType
 
 LOG = logging.getLogger("metalora")
 DEFAULTS = PersonalizeConfig()
 
-LoMDType = io.Custom("METALORA_LOMD")
-IdentityType = io.Custom("METALORA_IDENTITY")
+NO_FACE_MODEL = "none"
 LossMapType = io.Custom("LOSS_MAP")
 
 
@@ -66,7 +69,7 @@ class MetaLoRATrainIdentity(io.ComfyNode):
         return io.Schema(
             node_id="MetaLoRATrainIdentity",
             display_name="Meta-LoRA Train Identity",
-            category="MetaLoRA/training",
+            category=f"{CATEGORY}/training",
             description=(
                 "Personalizes FLUX.1 to the person in ONE photo: trains a Meta-LoRA identity (Mid + Up layers "
                 "on the frozen LoMD) for a few hundred steps on the model ComfyUI already loaded (fp8, GGUF "
@@ -176,6 +179,13 @@ class MetaLoRATrainIdentity(io.ComfyNode):
                     default=True,
                     tooltip="Recompute each block in backward: several times less activation memory (and offloaded weights are not kept for backward) for ~30% more time.",
                 ),
+                io.Combo.Input(
+                    "face_model",
+                    options=[NO_FACE_MODEL, *face_models()],
+                    default=NO_FACE_MODEL,
+                    optional=True,
+                    tooltip="Optional insightface model (models/insightface/models/<name>/): every training crop then keeps the whole face, and the loss weighs the face twice. 'none': plain crops.",
+                ),
             ],
             outputs=[
                 IdentityType.Output(
@@ -209,13 +219,22 @@ class MetaLoRATrainIdentity(io.ComfyNode):
         schedule,
         warmup_steps,
         gradient_checkpointing,
+        face_model=NO_FACE_MODEL,
     ) -> io.NodeOutput:
         node_id = cls.hidden.unique_id if cls.hidden is not None else None
         photo = _photo(image)
+        box = None
+        if face_model and face_model != NO_FACE_MODEL:
+            box = face_box(photo, analyzer_for(face_model))
+            if box is None:
+                raise MetaLoRAError(
+                    f"image input: face model '{face_model}' finds no face in the photo; use a photo where the "
+                    "face is clearly visible, or set face_model to 'none'"
+                )
         with torch.inference_mode(False), torch.enable_grad():
             backend = ComfyFluxBackend(model)
             cond = text_conditioning(positive, backend.dims)
-            pixels, weights = training_views(photo, views, resolution, bucketing, augmentation, seed)
+            pixels, weights = training_views(photo, views, resolution, bucketing, augmentation, seed, box)
             with torch.no_grad():  # encoded once, in the model's latent space (as KSampler sees latents)
                 latents = model.model.process_latent_in(vae.encode(pixels).float()).float().cpu()
             backend.memory_required = activation_bytes(
@@ -243,6 +262,7 @@ class MetaLoRATrainIdentity(io.ComfyNode):
                     "views": views,
                     "augmentation": augmentation,
                     "view_size": [int(pixels.shape[2]), int(pixels.shape[1])],
+                    "face_model": face_model if box is not None else None,
                 },
             )
             bar = comfy.utils.ProgressBar(steps, node_id=node_id)
