@@ -10,7 +10,8 @@ CPU default (real FLUX width, a thin slice): hidden 3072, 24 heads, one double +
   (d) lora   plain rank-16 LoRA via peft on the same layers + AdamW step
 
 Variants run round-robin (one step of each per round) so load from other processes hits all alike;
-times are medians over the rounds after warm-up. Peak memory is per step, the largest over the rounds:
+times are medians over the rounds after warm-up; on the CPU the ratio uses process CPU seconds per step
+(wall time on a shared machine swings with other processes' load), on CUDA synchronised wall time. Peak memory is per step, the largest over the rounds:
 on CPU the peak process RSS above the RSS just before the step, sampled every 2 ms by a thread (psutil),
 with glibc told to mmap every allocation >= 64 KiB so freed tensors leave RSS; on CUDA
 ``torch.cuda.max_memory_allocated`` above the allocation before the step. The base weights are in memory
@@ -162,10 +163,11 @@ class PeakMemory:
         return (self.peak - self.base) / 2**20
 
 
-def one_step(model, feed, target, opt, with_input_grad: bool, device: str) -> float:
+def one_step(model, feed, target, opt, with_input_grad: bool, device: str) -> tuple[float, float]:
+    """One training step; returns (wall seconds, process CPU seconds)."""
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     x = feed["hidden_states"].detach().requires_grad_(with_input_grad)
     out = model(**dict(feed, hidden_states=x))[0]
     F.mse_loss(out.float(), target.float()).backward()
@@ -174,7 +176,7 @@ def one_step(model, feed, target, opt, with_input_grad: bool, device: str) -> fl
         opt.zero_grad(set_to_none=True)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 NAMES = {
@@ -221,29 +223,43 @@ def run_config(dims, img_tokens, txt_tokens, device, dtype, warmup, iters, check
         opts["d"] = torch.optim.AdamW(list(params.values()), lr=1e-4)
         order = [v for v in "abcd" if v in variants]
         times: dict[str, list[float]] = {v: [] for v in order}
+        cpu: dict[str, list[float]] = {v: [] for v in order}
         peaks: dict[str, float] = {v: 0.0 for v in order}
         for round_ in range(warmup + iters):
             for v in order:
                 slots.install(v)
                 meter = PeakMemory(device)
                 meter.start()
-                sec = one_step(model, feed, target, opts[v], v == "a", device)
+                sec, cpu_sec = one_step(model, feed, target, opts[v], v == "a", device)
                 peaks[v] = max(peaks[v], meter.stop())
                 if round_ >= warmup:
                     times[v].append(sec)
-                print(f"  round {round_ + 1}/{warmup + iters} ({v}) {sec:.3f} s", file=sys.stderr, flush=True)
+                    cpu[v].append(cpu_sec)
+                print(
+                    f"  round {round_ + 1}/{warmup + iters} ({v}) {sec:.3f} s wall, {cpu_sec:.3f} s CPU",
+                    file=sys.stderr,
+                    flush=True,
+                )
         slots.install("a")
     del model
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
-    rows = {v: (NAMES[v], statistics.median(times[v]), peaks[v]) for v in order}
-    print(f"\n{label}| variant | s/step (median) | peak memory MiB | vs floor |")
-    print("|---|---|---|---|")
+    # On the CPU the comparison uses process CPU time: on a shared machine wall time swings 2x with other
+    # processes' load, CPU seconds far less. On CUDA it is wall time (synchronised).
+    key_times = times if device.startswith("cuda") else cpu
+    rows = {
+        v: (NAMES[v], statistics.median(key_times[v]), peaks[v], statistics.median(times[v])) for v in order
+    }
+    clock = "wall" if device.startswith("cuda") else "CPU"
+    print(
+        f"\n{label}| variant | {clock} s/step (median) | wall s/step (median) | peak memory MiB | vs floor |"
+    )
+    print("|---|---|---|---|---|")
     floor = rows["a"][1] if "a" in rows else None
-    for key, (name, sec, peak) in rows.items():
+    for key, (name, sec, peak, wall) in rows.items():
         ratio = f"{sec / floor:.3f}" if floor else "-"
-        print(f"| ({key}) {name} | {sec:.3f} | {peak:.0f} | {ratio} |", flush=True)
+        print(f"| ({key}) {name} | {sec:.3f} | {wall:.3f} | {peak:.0f} | {ratio} |", flush=True)
     return rows
 
 
@@ -257,7 +273,7 @@ def main(argv=None) -> int:
     ap.add_argument("--image-tokens", type=int, default=1024)
     ap.add_argument("--text-tokens", type=int, default=256)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--iters", type=int, default=2)
+    ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--variants", default="abcd")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args(argv)
