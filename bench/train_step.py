@@ -9,9 +9,13 @@ CPU default (real FLUX width, a thin slice): hidden 3072, 24 heads, one double +
              (how ComfyUI's native trainer patches weights) + AdamW step
   (d) lora   plain rank-16 LoRA via peft on the same layers + AdamW step
 
-Peak memory: on CPU the peak process RSS above the RSS just before the variant's first step, sampled
-every 2 ms by a thread (psutil); on CUDA ``torch.cuda.max_memory_allocated`` above the pre-step
-allocation. Warm-up steps are excluded from times. The last line is ``ratio meta_over_floor <b/a>``.
+Variants run round-robin (one step of each per round) so load from other processes hits all alike;
+times are medians over the rounds after warm-up; on the CPU the ratio uses process CPU seconds per step
+(wall time on a shared machine swings with other processes' load), on CUDA synchronised wall time. Peak memory is per step, the largest over the rounds:
+on CPU the peak process RSS above the RSS just before the step, sampled every 2 ms by a thread (psutil),
+with glibc told to mmap every allocation >= 64 KiB so freed tensors leave RSS; on CUDA
+``torch.cuda.max_memory_allocated`` above the allocation before the step. The base weights are in memory
+before every step and not counted. The last line is ``ratio meta_over_floor <b/a>``.
 
   python bench/train_step.py                              # CPU, a few minutes on 2 cores
   python bench/train_step.py --device cuda --full         # full FLUX.1-dev size, random bf16 weights,
@@ -22,10 +26,10 @@ from __future__ import annotations
 
 import argparse
 import gc
+import statistics
 import sys
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -34,7 +38,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from metalora_core.adapter import AdapterShape, IdentityHead  # noqa: E402
+from metalora_core.adapter import AdapterShape, BypassLinear, IdentityHead  # noqa: E402
 from metalora_core.formats import LoMD  # noqa: E402
 from metalora_core.inject import _parent, make_heads  # noqa: E402
 from metalora_core.targets import FluxDims, diffusers_config_for, diffusers_pieces, resolve_targets  # noqa: E402
@@ -88,19 +92,39 @@ class DenseDelta(nn.Module):
         return F.linear(x, self.base.weight + delta.to(self.base.weight.dtype), self.base.bias)
 
 
-@contextmanager
-def wrap(model: nn.Module, dims: FluxDims, heads, cls):
-    originals = []
-    for key, head in heads.items():
-        for module, rows in diffusers_pieces(key.replace("__", "."), dims):
-            parent, child = _parent(model, module)
-            originals.append((parent, child, getattr(parent, child)))
-            setattr(parent, child, cls(getattr(parent, child), head, rows))
+class Slots:
+    """Every variant's module for each adapted diffusers layer, built once; ``install`` swaps them in.
+
+    Variants are timed round-robin (one step of each per round), so load from other processes on a
+    shared machine hits all of them alike; swapping modules keeps each variant's weights and optimizer.
+    """
+
+    def __init__(self, model: nn.Module, modules: list[str]) -> None:
+        self.model = model
+        self.by_variant: dict[str, dict[str, nn.Module]] = {"a": {}}
+        for name in modules:
+            parent, child = _parent(model, name)
+            self.by_variant["a"][name] = getattr(parent, child)
+
+    def add(self, variant: str, make) -> None:
+        self.by_variant[variant] = {name: make(name, base) for name, base in self.by_variant["a"].items()}
+
+    def install(self, variant: str) -> None:
+        for name, module in self.by_variant[variant].items():
+            parent, child = _parent(self.model, name)
+            setattr(parent, child, module)
+
+
+def mmap_large_allocations() -> bool:
+    """Make glibc serve every allocation >= 64 KiB by mmap and unmap it on free, so process RSS follows the
+    live tensors (otherwise freed activations stay in the heap and later peaks hide in reused memory)."""
     try:
-        yield
-    finally:
-        for parent, child, base in originals:
-            setattr(parent, child, base)
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, 64 * 1024))  # M_MMAP_THRESHOLD
+    except OSError:
+        return False
 
 
 class PeakMemory:
@@ -139,29 +163,28 @@ class PeakMemory:
         return (self.peak - self.base) / 2**20
 
 
-def time_variant(model, feed, params, warmup: int, iters: int, device: str, with_input_grad: bool):
-    opt = torch.optim.AdamW(params, lr=1e-4) if params else None
-    x = feed["hidden_states"]
-    target = torch.randn(x.shape, generator=torch.Generator().manual_seed(3)).to(x.device, x.dtype)
-    meter = PeakMemory(device)
-    times = []
-    meter.start()
-    for i in range(warmup + iters):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        step_feed = dict(feed, hidden_states=x.detach().requires_grad_(with_input_grad))
-        out = model(**step_feed)[0]
-        F.mse_loss(out.float(), target.float()).backward()
-        if opt is not None:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    peak = meter.stop()
-    return sum(times) / len(times), peak
+def one_step(model, feed, target, opt, with_input_grad: bool, device: str) -> tuple[float, float]:
+    """One training step; returns (wall seconds, process CPU seconds)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t0, c0 = time.perf_counter(), time.process_time()
+    x = feed["hidden_states"].detach().requires_grad_(with_input_grad)
+    out = model(**dict(feed, hidden_states=x))[0]
+    F.mse_loss(out.float(), target.float()).backward()
+    if opt is not None:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+NAMES = {
+    "a": "frozen base fwd+bwd (floor)",
+    "b": "Meta-LoRA bypass step",
+    "c": "materialised delta-W step",
+    "d": "peft LoRA rank 16 step",
+}
 
 
 def run_config(dims, img_tokens, txt_tokens, device, dtype, warmup, iters, checkpointing, variants, label=""):
@@ -169,9 +192,12 @@ def run_config(dims, img_tokens, txt_tokens, device, dtype, warmup, iters, check
     if checkpointing:
         model.enable_gradient_checkpointing()
     feed = inputs(dims, img_tokens, txt_tokens, device, dtype)
-    shape = AdapterShape(4, 16)
-    lomd = random_lomd(dims, shape)
-    rows = {}
+    x = feed["hidden_states"]
+    target = torch.randn(x.shape, generator=torch.Generator().manual_seed(3)).to(x.device, x.dtype)
+    lomd = random_lomd(dims, AdapterShape(4, 16))
+    modules = [m for t in lomd.targets for m, _ in diffusers_pieces(t, dims)]
+    slots = Slots(model, modules)
+    opts: dict[str, torch.optim.Optimizer | None] = {"a": None}
 
     def heads():
         torch.manual_seed(4)
@@ -181,46 +207,59 @@ def run_config(dims, img_tokens, txt_tokens, device, dtype, warmup, iters, check
                 h.up.normal_(0, 1e-3)
         return hs
 
-    from metalora_core.adapter import BypassLinear
+    def adapter_slots(variant: str, cls) -> None:
+        hs = heads()
+        rows = {m: (k, r) for k in hs for m, r in diffusers_pieces(k.replace("__", "."), dims)}
+        slots.add(variant, lambda name, base: cls(base, hs[rows[name][0]], rows[name][1]))
+        opts[variant] = torch.optim.AdamW(hs.parameters(), lr=1e-4)
 
-    if "a" in variants:
-        rows["a"] = (
-            "frozen base fwd+bwd (floor)",
-            *time_variant(model, feed, [], warmup, iters, device, True),
-        )
     if "b" in variants:
-        hs = heads()
-        with wrap(model, dims, hs, BypassLinear):
-            rows["b"] = (
-                "Meta-LoRA bypass step",
-                *time_variant(model, feed, list(hs.parameters()), warmup, iters, device, False),
-            )
+        adapter_slots("b", BypassLinear)
     if "c" in variants:
-        hs = heads()
-        with wrap(model, dims, hs, DenseDelta):
-            rows["c"] = (
-                "materialised delta-W step",
-                *time_variant(model, feed, list(hs.parameters()), warmup, iters, device, False),
-            )
-    if "d" in variants:
-        modules = [m for t in lomd.targets for m, _ in diffusers_pieces(t, dims)]
-        with peft_lora(model, modules, 16, 16.0, 5) as params:
-            for p in params.values():
-                p.data = p.data.to(device)
-            rows["d"] = (
-                "peft LoRA rank 16 step",
-                *time_variant(model, feed, list(params.values()), warmup, iters, device, False),
-            )
+        adapter_slots("c", DenseDelta)
+    with peft_lora(model, modules, 16, 16.0, 5) as params:
+        peft_layers = {m: model.get_submodule(m) for m in modules}
+        slots.by_variant["d"] = peft_layers
+        opts["d"] = torch.optim.AdamW(list(params.values()), lr=1e-4)
+        order = [v for v in "abcd" if v in variants]
+        times: dict[str, list[float]] = {v: [] for v in order}
+        cpu: dict[str, list[float]] = {v: [] for v in order}
+        peaks: dict[str, float] = {v: 0.0 for v in order}
+        for round_ in range(warmup + iters):
+            for v in order:
+                slots.install(v)
+                meter = PeakMemory(device)
+                meter.start()
+                sec, cpu_sec = one_step(model, feed, target, opts[v], v == "a", device)
+                peaks[v] = max(peaks[v], meter.stop())
+                if round_ >= warmup:
+                    times[v].append(sec)
+                    cpu[v].append(cpu_sec)
+                print(
+                    f"  round {round_ + 1}/{warmup + iters} ({v}) {sec:.3f} s wall, {cpu_sec:.3f} s CPU",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        slots.install("a")
     del model
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
-    print(f"\n{label}| variant | s/step | peak memory MiB | vs floor |")
-    print("|---|---|---|---|")
-    floor = rows.get("a", (None, None, None))[1]
-    for key, (name, sec, peak) in rows.items():
+    # On the CPU the comparison uses process CPU time: on a shared machine wall time swings 2x with other
+    # processes' load, CPU seconds far less. On CUDA it is wall time (synchronised).
+    key_times = times if device.startswith("cuda") else cpu
+    rows = {
+        v: (NAMES[v], statistics.median(key_times[v]), peaks[v], statistics.median(times[v])) for v in order
+    }
+    clock = "wall" if device.startswith("cuda") else "CPU"
+    print(
+        f"\n{label}| variant | {clock} s/step (median) | wall s/step (median) | peak memory MiB | vs floor |"
+    )
+    print("|---|---|---|---|---|")
+    floor = rows["a"][1] if "a" in rows else None
+    for key, (name, sec, peak, wall) in rows.items():
         ratio = f"{sec / floor:.3f}" if floor else "-"
-        print(f"| ({key}) {name} | {sec:.3f} | {peak:.0f} | {ratio} |", flush=True)
+        print(f"| ({key}) {name} | {sec:.3f} | {wall:.3f} | {peak:.0f} | {ratio} |", flush=True)
     return rows
 
 
@@ -234,10 +273,12 @@ def main(argv=None) -> int:
     ap.add_argument("--image-tokens", type=int, default=1024)
     ap.add_argument("--text-tokens", type=int, default=256)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--iters", type=int, default=2)
+    ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--variants", default="abcd")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args(argv)
+    if args.device == "cpu" and not mmap_large_allocations():
+        print("note: could not set glibc's mmap threshold; CPU peak memory may be under-reported")
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}")

@@ -32,6 +32,11 @@ from ..training.personalize import PersonalizeConfig, personalize
 from ..training.schedules import SCHEDULES, TrainingDiverged
 from ..training.standalone import find_parts, load_vae, vae_encoder
 
+# options whose argparse dest is a PersonalizeConfig field of the same name
+CONFIG_ARGS = (
+    "steps", "lr", "lr_mid", "lr_up", "schedule", "warmup_steps", "batch_size", "bf16",
+    "gradient_checkpointing", "seed", "guidance", "rank_mid", "checkpoint_every", "resume_from",
+)  # fmt: skip
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -105,21 +110,8 @@ def run(args) -> int:
     )
     weights = face_loss_weights(views, inside=args.face_weight) if args.face_weight != 1.0 else None
     config = PersonalizeConfig(
-        steps=args.steps,
-        lr=args.lr,
-        lr_mid=args.lr_mid,
-        lr_up=args.lr_up,
-        schedule=args.schedule,
-        warmup_steps=args.warmup,
-        batch_size=args.batch_size,
-        bf16=args.bf16,
-        gradient_checkpointing=args.checkpointing,
-        seed=args.seed,
-        guidance=args.guidance,
-        rank_mid=args.rank_mid,
-        checkpoint_every=args.checkpoint_every,
+        **{name: getattr(args, name) for name in CONFIG_ARGS},
         checkpoint_path=str(out.with_suffix(".ckpt.safetensors")) if args.checkpoint_every else None,
-        resume_from=args.resume,
         extra={
             "image": Path(args.image).name,
             "caption": prompt,
@@ -187,7 +179,13 @@ def register(sub) -> None:
     p.add_argument("--lr-mid", type=float, help="own learning rate for Mid (default: --lr)")
     p.add_argument("--lr-up", type=float, help="own learning rate for Up (default: --lr)")
     p.add_argument("--schedule", choices=SCHEDULES, default="constant", help="LR decay after warm-up")
-    p.add_argument("--warmup", type=int, default=PersonalizeConfig.warmup_steps, help="warm-up steps")
+    p.add_argument(
+        "--warmup",
+        dest="warmup_steps",
+        type=int,
+        default=PersonalizeConfig.warmup_steps,
+        help="warm-up steps",
+    )
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--rank-mid", type=int, help="Mid rank (default: the LoMD's)")
     p.add_argument("--seed", type=int, default=0, help="seed of views, init, timesteps and noise")
@@ -203,9 +201,16 @@ def register(sub) -> None:
     p.add_argument("--caption", default=DEFAULT_CAPTION, help="caption template (default '%(default)s')")
     p.add_argument("--guidance", type=float, default=1.0, help="FLUX.1-dev guidance input in training")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast of the forward")
-    p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing (less memory)")
+    p.add_argument(
+        "--checkpointing",
+        dest="gradient_checkpointing",
+        action="store_true",
+        help="gradient checkpointing (less memory)",
+    )
     p.add_argument("--checkpoint-every", type=int, default=0, help="write OUT.ckpt.safetensors every N steps")
-    p.add_argument("--resume", help="continue from a checkpoint written with the same settings")
+    p.add_argument(
+        "--resume", dest="resume_from", help="continue from a checkpoint written with the same settings"
+    )
     p.add_argument("--cache-dir", help="keep the encoded views here and reuse them next time")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="transformer weight dtype")

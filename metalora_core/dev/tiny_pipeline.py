@@ -46,17 +46,10 @@ def write_tiny_pipeline(out: str | os.PathLike, dims: FluxDims = TINY_DIMS, seed
         torch.manual_seed(seed)
         clip = CLIPTextModel(
             CLIPTextConfig(
-                vocab_size=vocab,
-                hidden_size=dims.vec_dim,
-                intermediate_size=2 * dims.vec_dim,
-                num_hidden_layers=1,
-                num_attention_heads=2,
-                max_position_embeddings=77,
-                pad_token_id=0,
-                eos_token_id=2,
-                bos_token_id=2,
+                vocab_size=vocab, hidden_size=dims.vec_dim, intermediate_size=2 * dims.vec_dim, num_hidden_layers=1,
+                num_attention_heads=2, max_position_embeddings=77, pad_token_id=0, eos_token_id=2, bos_token_id=2,
             )
-        )
+        )  # fmt: skip
         t5 = T5EncoderModel(
             T5Config(
                 vocab_size=vocab, d_model=dims.context_dim, d_kv=16, d_ff=2 * dims.context_dim, num_layers=1,

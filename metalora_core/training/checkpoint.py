@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,17 +19,25 @@ FORMAT_CHECKPOINT = "metalora.train_checkpoint"
 PARAM_PREFIX, OPTIM_PREFIX, RNG_KEY = "param.", "optim.", "rng.generator"
 
 
+@dataclass
+class TrainState:
+    """The live objects a checkpoint captures: trainable weights by name, optimizer, LR schedule, RNG."""
+
+    params: Mapping[str, torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    generator: torch.Generator
+
+
 def save_checkpoint(
     path: str | os.PathLike,
-    params: Mapping[str, torch.nn.Parameter],
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LambdaLR,
-    generator: torch.Generator,
+    state: TrainState,
     step: int,
     losses: list[float],
     settings: Mapping[str, object],
 ) -> Path:
     """Write everything needed to resume after ``step`` optimizer steps."""
+    params, optimizer, scheduler, generator = state.params, state.optimizer, state.scheduler, state.generator
     tensors: dict[str, torch.Tensor] = {PARAM_PREFIX + n: p.detach() for n, p in params.items()}
     for name, p in params.items():
         for key, value in optimizer.state.get(p, {}).items():
@@ -47,10 +56,7 @@ def save_checkpoint(
 
 def load_checkpoint(
     path: str | os.PathLike,
-    params: Mapping[str, torch.nn.Parameter],
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LambdaLR,
-    generator: torch.Generator,
+    state: TrainState,
     settings: Mapping[str, object],
     ignore: tuple[str, ...] = ("steps", "checkpoint_every", "checkpoint_path", "resume_from"),
 ) -> tuple[int, list[float]]:
@@ -59,6 +65,7 @@ def load_checkpoint(
     Refuses a checkpoint written with other settings (``ignore`` lists those that may change on resume,
     such as the total step count), naming the first setting that differs.
     """
+    params, optimizer, scheduler, generator = state.params, state.optimizer, state.scheduler, state.generator
     tensors, meta = load_tensors(path)
     if meta.get("format") != FORMAT_CHECKPOINT:
         raise MetaLoRAError(f"{path}: not a Meta-LoRA training checkpoint (format '{meta.get('format')}')")

@@ -15,12 +15,11 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from ..errors import MetaLoRAError
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import TrainState, load_checkpoint, save_checkpoint
 from .objective import flow_loss, sample_timesteps
 from .protocol import FluxBackend, Progress, TextConditioning, TrainingCancelled
 from .schedules import TrainingDiverged, clip_and_check, make_adamw, make_scheduler, param_groups
@@ -115,12 +114,11 @@ def run_loop(
         settings.cycles,
         settings.min_lr_ratio,
     )
+    state = TrainState(params, optimizer, scheduler, generator)
     losses: list[float] = []
     start = 0
     if settings.resume_from:
-        start, losses = load_checkpoint(
-            settings.resume_from, params, optimizer, scheduler, generator, describe
-        )
+        start, losses = load_checkpoint(settings.resume_from, state, describe)
     base_lr, lr_at = scheduler.base_lrs[-1], scheduler.lr_lambdas[-1]
     lrs: list[float] = [base_lr * lr_at(i) for i in range(start)]
     trainable = [p for _, p in named]
@@ -167,16 +165,7 @@ def run_loop(
                 if settings.checkpoint_every and (
                     done % settings.checkpoint_every == 0 or done == settings.steps
                 ):
-                    save_checkpoint(
-                        Path(settings.checkpoint_path),  # type: ignore[arg-type]
-                        params,
-                        optimizer,
-                        scheduler,
-                        generator,
-                        done,
-                        losses,
-                        describe,
-                    )
+                    save_checkpoint(settings.checkpoint_path, state, done, losses, describe)  # type: ignore[arg-type]
                 if on_progress is not None:
                     elapsed = time.perf_counter() - begun
                     eta = elapsed / (done - start) * (settings.steps - done)
