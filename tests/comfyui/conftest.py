@@ -9,6 +9,7 @@ One server per session (start-up is the slow part). The base folder holds:
   (made for the hidden-256 model, so it does not fit tiny_flux)
 - models/insightface/models/tiny/ (tiny ONNX detector + recognizer; the detector finds magenta frames)
 - input/face_a.png, face_a2.png, face_b.png (painted faces), noface.png
+- extra_models/metalora/lomd_extra.safetensors, registered only by extra_model_paths.yaml
 """
 
 from __future__ import annotations
@@ -82,13 +83,20 @@ def comfy_base(comfyui_path, tmp_path_factory) -> Path:
     )
     write_tiny_face_models(models, "tiny", seed=0)
     _images(base / "input")
+    # a second metalora folder registered only through extra_model_paths.yaml
+    extra = base / "extra_models"
+    save_lomd(extra / "metalora" / "lomd_extra.safetensors", lomd)
+    (base / "extra_model_paths.yaml").write_text(
+        f"metalora_tests:\n    base_path: {extra}\n    metalora: metalora\n"
+    )
     return base
 
 
 @pytest.fixture(scope="session")
 def comfy(comfyui_path, comfy_base):
     """A running ComfyUI (session-scoped), stopped cleanly at the end."""
-    server = ComfyServer(comfyui_path, comfy_base).start()
+    yaml = str(comfy_base / "extra_model_paths.yaml")
+    server = ComfyServer(comfyui_path, comfy_base, extra_args=("--extra-model-paths-config", yaml)).start()
     try:
         yield server
     finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from tests.comfyui.graphs import loaders
 from tests.comfyui.harness import PACK_NAME, REPO
 
 NODES = {
@@ -41,6 +42,20 @@ def test_dropdowns_list_the_model_folders(comfy):
         lomds
     )
     assert '"tiny"' in json.dumps(faces)
+    assert "lomd_extra.safetensors" in json.dumps(lomds)  # from extra_model_paths.yaml
+
+
+def test_lomd_from_extra_model_paths_loads(comfy):
+    from tests.comfyui.graphs import apply, probe
+
+    result = comfy.run(
+        {
+            **loaders(lomd="lomd_extra.safetensors"),
+            "apply": apply(["unet", 0], 1.0),
+            "p": probe(["apply", 0], "extra_lomd"),
+        }
+    )
+    assert result.status == "success", result.error
 
 
 def test_example_workflows_are_listed_and_served(comfy):
@@ -51,3 +66,54 @@ def test_example_workflows_are_listed_and_served(comfy):
     for stem in expected:
         workflow = comfy.get(f"/api/workflow_templates/{PACK_NAME}/{stem}.json")
         assert workflow["nodes"], stem
+
+
+def test_front_end_extension_is_served(comfy):
+    extensions = comfy.get("/extensions")
+    ours = [e for e in extensions if e.startswith(f"/extensions/{PACK_NAME}/")]
+    assert (
+        f"/extensions/{PACK_NAME}/metalora.js" in ours
+        and f"/extensions/{PACK_NAME}/metalora_chart.js" in ours
+    )
+    import urllib.request
+
+    with urllib.request.urlopen(comfy.url + f"/extensions/{PACK_NAME}/metalora.js", timeout=30) as resp:
+        assert b"registerExtension" in resp.read()
+
+
+FRONT_END_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+
+
+def _widget_count(spec: dict) -> int:
+    """Widgets of a node in object_info (seed-like INTs with control_after_generate carry one more value)."""
+    count = 0
+    for section in ("required", "optional"):
+        for value in spec["input"].get(section, {}).values():
+            kind = value[0]
+            if isinstance(kind, list) or kind in WIDGET_TYPES:
+                count += 1 + int(bool(len(value) > 1 and value[1].get("control_after_generate")))
+    return count
+
+
+def test_example_workflows_use_existing_nodes_with_consistent_links(comfy):
+    info = comfy.object_info()
+    for path in sorted((REPO / "example_workflows").glob("*.json")):
+        workflow = json.loads(path.read_text())
+        assert (path.with_suffix(".jpg")).is_file() and path.with_suffix(".jpg").stat().st_size < 50_000
+        nodes = {n["id"]: n for n in workflow["nodes"]}
+        for n in nodes.values():
+            if n["type"] in FRONT_END_ONLY:
+                continue
+            assert n["type"] in info, f"{path.name}: unknown node {n['type']}"
+            if n["type"].startswith("MetaLoRA"):
+                assert len(n["widgets_values"]) == _widget_count(info[n["type"]]), (path.name, n["type"])
+        for link_id, src, src_slot, dst, dst_slot, kind in workflow["links"]:
+            assert nodes[src]["outputs"][src_slot]["type"] == kind
+            assert link_id in nodes[src]["outputs"][src_slot]["links"]
+            assert nodes[dst]["inputs"][dst_slot]["link"] == link_id
+            if nodes[dst]["type"] in info and kind != "*":
+                spec = info[nodes[dst]["type"]]["input"]
+                name = nodes[dst]["inputs"][dst_slot]["name"]
+                declared = {**spec.get("required", {}), **spec.get("optional", {})}[name][0]
+                assert declared in (kind, "*"), (path.name, nodes[dst]["type"], name, declared, kind)
