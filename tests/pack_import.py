@@ -17,7 +17,7 @@ import types
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PACK = "metalora_pack_under_test"
+PACK = "metalora_pack_stand_in"
 _LIB = f"{PACK}.metalora_core"
 
 
