@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from metalora_core.dev.tiny_flux import TINY_DIMS, write_tiny_flux
+from tests.pack_import import PACK as PACK_PREFIX
 from tests.pack_import import pack_module
 
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
@@ -32,15 +33,22 @@ def _stub_torchaudio(root: Path) -> None:
     sys.path.insert(0, str(root))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def comfy(tmp_path_factory):
-    """ComfyUI's modules, imported in this process on the CPU (skips without COMFYUI_PATH)."""
+    """ComfyUI's modules, imported in this process on the CPU (skips without COMFYUI_PATH).
+
+    After this folder's tests ComfyUI leaves this process again (its modules and path entry removed), so
+    later tests that check the pack imports without ComfyUI still see a process without it.
+    """
     if not COMFYUI_PATH:
         pytest.skip("COMFYUI_PATH is not set: in-process ComfyUI training tests need a ComfyUI checkout")
-    if not (Path(COMFYUI_PATH) / "comfy" / "model_patcher.py").is_file():
+    root = Path(COMFYUI_PATH).resolve()
+    if not (root / "comfy" / "model_patcher.py").is_file():
         pytest.skip(f"COMFYUI_PATH={COMFYUI_PATH} is not a ComfyUI checkout")
-    _stub_torchaudio(tmp_path_factory.mktemp("stubs"))
-    if COMFYUI_PATH not in sys.path:
+    stubs = tmp_path_factory.mktemp("stubs")
+    _stub_torchaudio(stubs)
+    added = COMFYUI_PATH not in sys.path
+    if added:
         sys.path.append(COMFYUI_PATH)
     import comfy.cli_args
 
@@ -48,7 +56,17 @@ def comfy(tmp_path_factory):
     import comfy.model_management
     import comfy.sd
 
-    return comfy
+    yield comfy
+    tops = {p.stem for p in root.iterdir()} | {PACK_PREFIX}
+    if str(stubs) in sys.path:
+        tops.add("torchaudio")
+    for name in list(sys.modules):
+        if name.split(".")[0] in tops:
+            del sys.modules[name]
+    if added:
+        sys.path.remove(COMFYUI_PATH)
+    if str(stubs) in sys.path:
+        sys.path.remove(str(stubs))
 
 
 @pytest.fixture(scope="session")
@@ -78,12 +96,12 @@ def load_flux(comfy, path: Path, dtype: torch.dtype):
         return comfy.sd.load_diffusion_model(str(path), model_options={"dtype": dtype})
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def load(comfy):
     return lambda path, dtype: load_flux(comfy, path, dtype)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def flux64(comfy, tiny_bfl):
     """The tiny FLUX in float64, its inference-mode weights made autograd-usable as the backend does."""
     patcher = load_flux(comfy, tiny_bfl, torch.float64)
