@@ -274,7 +274,10 @@ def main(argv=None) -> int:
     ap.add_argument("--text-tokens", type=int, default=256)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--iters", type=int, default=3)
-    ap.add_argument("--variants", default="abcd")
+    ap.add_argument("--variants", default="", help="subset of abcd (default: abcd; abd with --full)")
+    ap.add_argument("--depth", type=int, default=19, help="--full: double blocks (FLUX.1-dev: 19)")
+    ap.add_argument("--depth-single", type=int, default=38, help="--full: single blocks (FLUX.1-dev: 38)")
+    ap.add_argument("--full-px", default="512,1024", help="--full: square resolutions to time")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args(argv)
     if args.device == "cpu" and not mmap_large_allocations():
@@ -283,11 +286,14 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}")
     if args.full:
-        dims = FluxDims(3072, 12288, 19, 38, 64, 4096, 768, True, 64)
+        dims = FluxDims(args.hidden, 4 * args.hidden, args.depth, args.depth_single, 64, 4096, 768, True, 64)
+        variants = args.variants or "abd"
+        sizes = [int(px) for px in args.full_px.split(",")]
         results = {}
-        for px, img_tokens in ((512, 1024), (1024, 4096)):
+        for px in sizes:
+            img_tokens = (px // 16) ** 2  # 8x VAE, 2x2 patches
             for ckpt in (False, True):
-                label = f"{px} px, checkpointing {'on' if ckpt else 'off'} "
+                label = f"{px} px ({img_tokens} image + 512 text tokens), checkpointing {'on' if ckpt else 'off'} "
                 results[(px, ckpt)] = run_config(
                     dims,
                     img_tokens,
@@ -297,12 +303,13 @@ def main(argv=None) -> int:
                     args.warmup,
                     args.iters,
                     ckpt,
-                    args.variants,
+                    variants,
                     label,
                 )
-        sec = results[(512, False)]["b"][1]
-        print(f"\n375 Meta-LoRA steps at 512 px (no checkpointing): {375 * sec:.1f} s")
-        rows = results[(512, False)]
+        first = results[(sizes[0], False)]
+        if "b" in first:
+            print(f"\n375 Meta-LoRA steps at {sizes[0]} px (no checkpointing): {375 * first['b'][1]:.1f} s")
+        rows = first
     else:
         heads = args.hidden // 128
         dims = FluxDims(
@@ -328,7 +335,7 @@ def main(argv=None) -> int:
             args.warmup,
             args.iters,
             False,
-            args.variants,
+            args.variants or "abcd",
         )
     if "a" in rows and "b" in rows:
         print(f"ratio meta_over_floor {rows['b'][1] / rows['a'][1]:.3f}")
