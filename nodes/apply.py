@@ -5,7 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from .patch_plan import check_fits, patch_tensors, target_shapes
-from .types import CATEGORY, IdentityType, LoMDType
+from .types import CATEGORY, IdentityType, LoMDType, strength_input
 from .weight_adapter import MetaLoRAWeightAdapter
 
 
@@ -49,14 +49,9 @@ class MetaLoRAApply(io.ComfyNode):
                     "lomd", tooltip="The LoMD the identity was trained with (Load Meta-LoRA LoMD)."
                 ),
                 IdentityType.Input("identity", tooltip="The identity adapter (from Train or Load Identity)."),
-                io.Float.Input(
-                    "strength",
-                    default=1.0,
-                    min=-10.0,
-                    max=10.0,
-                    step=0.01,
-                    tooltip="How strongly to apply the identity: 1 = as trained, 0 = off, negative values "
-                    "push away from it.",
+                strength_input(
+                    "How strongly to apply the identity: 1 = as trained, 0 = off, negative values "
+                    "push away from it."
                 ),
                 io.Boolean.Input(
                     "allow_other_lomd",

@@ -8,7 +8,7 @@ from comfy_api.latest import io, ui
 from ..metalora_core.formats import check_pair, export_lora
 from .files import target_path
 from .model_folders import loras_dir
-from .types import CATEGORY, IdentityType, LoMDType
+from .types import CATEGORY, IdentityType, LoMDType, strength_input
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -35,13 +35,8 @@ class MetaLoRAExportLoRA(io.ComfyNode):
                     default="metalora_identity",
                     tooltip="LoRA file name without extension, written to models/loras/<filename>.safetensors.",
                 ),
-                io.Float.Input(
-                    "strength",
-                    default=1.0,
-                    min=-10.0,
-                    max=10.0,
-                    step=0.01,
-                    tooltip="Strength baked into the LoRA (then load it at strength 1.0 to match Apply at this strength).",
+                strength_input(
+                    "Strength baked into the LoRA (then load it at strength 1.0 to match Apply at this strength)."
                 ),
                 io.Combo.Input(
                     "dtype",

@@ -6,7 +6,7 @@ Run: ``COMFYUI_PATH=/path/to/ComfyUI /path/to/comfy-venv/bin/python -m pytest te
 One server per session (start-up is the slow part). The base folder holds:
 - models/diffusion_models/tiny_flux.safetensors (hidden 128, context 64, pooled 32) and tiny_flux_256 (hidden 256)
 - models/metalora/lomd.safetensors + identity.safetensors (random, non-zero Up), lomd_misfit.safetensors
-  (made for the hidden-256 model, so it does not fit tiny_flux)
+  (made for the hidden-256 model, so it does not fit tiny_flux), lomd_broken.safetensors (not safetensors)
 - models/insightface/models/tiny/ (tiny ONNX detector + recognizer; the detector finds magenta frames)
 - input/face_a.png, face_a2.png, face_b.png (painted faces), noface.png
 - extra_models/metalora/lomd_extra.safetensors, registered only by extra_model_paths.yaml
@@ -81,6 +81,9 @@ def comfy_base(comfyui_path, tmp_path_factory) -> Path:
     save_identity(
         models / "metalora" / "identity_misfit.safetensors", random_adapter(misfit, big, seed=4, up_std=0.05)
     )
+    (models / "metalora" / "lomd_broken.safetensors").write_bytes(
+        b"\x00" * 64
+    )  # e.g. an interrupted download
     write_tiny_face_models(models, "tiny", seed=0)
     _images(base / "input")
     # a second metalora folder registered only through extra_model_paths.yaml

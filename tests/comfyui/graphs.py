@@ -28,6 +28,23 @@ def apply(model: list, strength: float, lomd: str = "lomd", identity: str = "ide
     return node("MetaLoRAApply", model=model, lomd=[lomd, 0], identity=[identity, 0], strength=strength)
 
 
+def export_graph(filename: str, strength: float, dtype: str, lomd: str = "lomd.safetensors") -> dict:
+    """Load LoMD + identity -> Export LoRA (never overwriting)."""
+    return {
+        "lomd": node("MetaLoRALoadLoMD", lomd_name=lomd),
+        "identity": node("MetaLoRALoadIdentity", identity_name="identity.safetensors"),
+        "export": node(
+            "MetaLoRAExportLoRA",
+            lomd=["lomd", 0],
+            identity=["identity", 0],
+            filename=filename,
+            strength=strength,
+            dtype=dtype,
+            overwrite=False,
+        ),
+    }
+
+
 def probe(model: list, tag: str, after: list | None = None) -> dict:
     inputs = {"model": model, "tag": tag, "seed": 0, **TINY_COND}
     if after is not None:

@@ -106,7 +106,7 @@ class ComfyServer:
         self.extra_args = extra_args
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = self.base / "comfyui.log"
-        self.client_id = uuid.uuid4().hex
+        self.client_id = uuid.uuid4().hex  # the front end routes "executed" messages to this client
         self.proc: subprocess.Popen | None = None
 
     # --- process ---------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import uuid
 
 import torch
 
-from tests.comfyui.graphs import apply, loaders, probe, probe_output, sampler, saved_latent
+from tests.comfyui.graphs import apply, export_graph, loaders, probe, probe_output, sampler, saved_latent
 from tests.comfyui.harness import node
 
 # Apply adds strength * scale * (Up @ Mid) @ Down in float32; the exported LoRA folds Up @ Mid in float64
@@ -46,21 +46,7 @@ def test_apply_changes_sampling_and_leaves_the_input_model_alone(comfy, comfy_ba
 
 def test_exported_lora_through_stock_loader_equals_apply(comfy, comfy_base):
     name = _tag("exported")
-    export = comfy.run(
-        {
-            "lomd": node("MetaLoRALoadLoMD", lomd_name="lomd.safetensors"),
-            "identity": node("MetaLoRALoadIdentity", identity_name="identity.safetensors"),
-            "export": node(
-                "MetaLoRAExportLoRA",
-                lomd=["lomd", 0],
-                identity=["identity", 0],
-                filename=name,
-                strength=1.0,
-                dtype="fp32",
-                overwrite=False,
-            ),
-        }
-    )
+    export = comfy.run(export_graph(name, 1.0, "fp32"))
     assert export.status == "success", export.error
     assert (comfy_base / "models" / "loras" / f"{name}.safetensors").is_file()
     t_apply, t_lora, t_base = _tag("apply"), _tag("lora"), _tag("base")
@@ -81,21 +67,7 @@ def test_exported_lora_through_stock_loader_equals_apply(comfy, comfy_base):
     assert (out_apply - probe_output(comfy_base, t_base)).abs().max() > 1e-3
     assert torch.allclose(out_apply, out_lora, atol=ATOL, rtol=ATOL), (out_apply - out_lora).abs().max()
     # exporting again under the same name is refused (no silent overwrite)
-    again = comfy.run(
-        {
-            "lomd": node("MetaLoRALoadLoMD", lomd_name="lomd.safetensors"),
-            "identity": node("MetaLoRALoadIdentity", identity_name="identity.safetensors"),
-            "export": node(
-                "MetaLoRAExportLoRA",
-                lomd=["lomd", 0],
-                identity=["identity", 0],
-                filename=name,
-                strength=0.5,
-                dtype="bf16",
-                overwrite=False,
-            ),
-        }
-    )
+    again = comfy.run(export_graph(name, 0.5, "bf16"))
     assert again.status == "error" and "already exists" in again.error["exception_message"]
 
 
@@ -136,3 +108,23 @@ def test_lomd_that_does_not_fit_is_a_clear_node_error(comfy):
     message = err["exception_message"]
     assert "double_blocks.0.img_attn.qkv" in message or "layer '" in message
     assert "(4, 256)" in message and "128)" in message, message  # LoMD Down shape and the model's shape
+
+
+def test_apply_on_fp8_weights(comfy, comfy_base):
+    """ComfyUI stores the weights in fp8 and patches in its intermediate dtype: Apply still works there, and
+    the patched model matches the float32 patched model to fp8 rounding rather than the unpatched one."""
+    t32, t8, t8_base = _tag("f32"), _tag("fp8"), _tag("fp8_base")
+    graph = {
+        **loaders(),
+        "unet8": node("UNETLoader", unet_name="tiny_flux.safetensors", weight_dtype="fp8_e4m3fn"),
+        "a32": apply(["unet", 0], 1.0),
+        "a8": apply(["unet8", 0], 1.0),
+        "p32": probe(["a32", 0], t32),
+        "p8": probe(["a8", 0], t8),
+        "p8_base": probe(["unet8", 0], t8_base, after=["a8", 0]),
+    }
+    result = comfy.run(graph)
+    assert result.status == "success", result.error
+    out32, out8, base8 = (probe_output(comfy_base, t) for t in (t32, t8, t8_base))
+    assert (out8 - base8).abs().max() > 1e-3
+    assert (out8 - out32).abs().max() < (base8 - out32).abs().max()

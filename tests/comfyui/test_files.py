@@ -7,7 +7,7 @@ import uuid
 import torch
 
 from metalora_core.formats import load_identity
-from tests.comfyui.graphs import apply, loaders, probe, probe_output
+from tests.comfyui.graphs import apply, export_graph, loaders, probe, probe_output
 from tests.comfyui.harness import node
 
 
@@ -72,3 +72,10 @@ def test_unsafe_filename_is_refused(comfy):
         }
     )
     assert result.status == "error" and "not allowed" in result.error["exception_message"]
+
+
+def test_broken_lomd_file_is_a_clear_node_error(comfy):
+    result = comfy.run(export_graph("never_written", 1.0, "fp32", lomd="lomd_broken.safetensors"))
+    assert result.status == "error" and result.error["node_type"] == "MetaLoRALoadLoMD"
+    assert "lomd_broken.safetensors" in result.error["exception_message"]
+    assert "not a readable safetensors file" in result.error["exception_message"]

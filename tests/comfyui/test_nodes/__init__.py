@@ -51,6 +51,14 @@ class TinyVAE:
         return ((x + 1) / 2).clamp(0, 1).movedim(1, -1)
 
 
+def _size_inputs() -> list:
+    """The tiny model's text widths (the defaults are tiny_flux's)."""
+    return [
+        io.Int.Input("context_dim", default=64, min=1, max=8192, tooltip="T5 width of the model."),
+        io.Int.Input("pooled_dim", default=32, min=1, max=8192, tooltip="CLIP pooled width."),
+    ]
+
+
 class MetaLoRATestConditioning(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -61,8 +69,7 @@ class MetaLoRATestConditioning(io.ComfyNode):
             inputs=[
                 io.Int.Input("seed", default=0, min=0, max=2**31, tooltip="Random seed."),
                 io.Int.Input("tokens", default=8, min=1, max=512, tooltip="Text tokens."),
-                io.Int.Input("context_dim", default=64, min=1, max=8192, tooltip="T5 width of the model."),
-                io.Int.Input("pooled_dim", default=32, min=1, max=8192, tooltip="CLIP pooled width."),
+                *_size_inputs(),
             ],
             outputs=[io.Conditioning.Output()],
         )
@@ -105,8 +112,7 @@ class MetaLoRATestProbe(io.ComfyNode):
                 io.Model.Input("model", tooltip="Model to probe."),
                 io.String.Input("tag", default="probe", tooltip="Output file name."),
                 io.Int.Input("seed", default=0, min=0, max=2**31, tooltip="Seed of the fixed inputs."),
-                io.Int.Input("context_dim", default=64, min=1, max=8192, tooltip="T5 width of the model."),
-                io.Int.Input("pooled_dim", default=32, min=1, max=8192, tooltip="CLIP pooled width."),
+                *_size_inputs(),
                 io.Model.Input("after", optional=True, tooltip="Any model; only orders execution after it."),
             ],
             outputs=[],
