@@ -11,7 +11,10 @@ from ..safeio import atomic_write_bytes
 
 def _score(args) -> int:
     from ..faces import FaceAnalyzer, load_face_model, score_folders
+    from ..faces.images import list_images
 
+    list_images(args.generated, "generated folder")  # cheap input checks before the models load
+    list_images(args.references, "references folder")
     providers = ["CPUExecutionProvider"] if args.cpu else None
     model = load_face_model(args.insightface_root, args.face_model, providers)
     analyzer = FaceAnalyzer(model)

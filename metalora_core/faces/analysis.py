@@ -10,6 +10,7 @@ Embeddings are L2-normalised (cosine = dot product) and cached per image content
 from __future__ import annotations
 
 import threading
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 
@@ -69,10 +70,15 @@ class FaceAnalyzer:
         det_thresh: float | None = None,
         cache_size: int = 512,
     ):
-        if not det_sizes or any(int(s) <= 0 for s in det_sizes):
-            raise ValueError("det_sizes must be positive detector sizes, e.g. (640, 512, 320)")
+        if not det_sizes or any(int(s) <= 0 or int(s) % 32 for s in det_sizes):
+            raise ValueError(
+                "det_sizes must be positive multiples of 32 (SCRFD's coarsest stride), e.g. (640, 320)"
+            )
         self.model = model
+        static = getattr(model.detector, "static_input_size", None)
+        # a detector exported at one fixed size (e.g. 640 x 640) can only run at that size: no retries
         self.det_sizes = tuple(int(s) for s in det_sizes)
+        self._inputs = [tuple(int(v) for v in static)] if static else [(s, s) for s in self.det_sizes]
         self.det_thresh = model.det_thresh if det_thresh is None else float(det_thresh)
         self.cache_size = cache_size
         self._cache: OrderedDict[tuple, ImageFaces] = OrderedDict()
@@ -83,11 +89,9 @@ class FaceAnalyzer:
         """All faces (largest first, no embeddings) at the first detection size that finds any."""
         rgb = to_rgb_uint8(image)
         bgr = np.ascontiguousarray(rgb[:, :, ::-1])
-        for size in self.det_sizes:
+        for size in self._inputs:
             with self.model.lock:
-                boxes, kpss = self.model.detector.detect(
-                    bgr, input_size=(size, size), det_thresh=self.det_thresh
-                )
+                boxes, kpss = self.model.detector.detect(bgr, input_size=size, det_thresh=self.det_thresh)
             if boxes.shape[0] == 0:
                 continue
             faces = [
@@ -99,7 +103,7 @@ class FaceAnalyzer:
                 for i in range(boxes.shape[0])
             ]
             faces.sort(key=lambda f: (-f.area, -f.det_score))
-            return faces, size
+            return faces, size[0]
         return [], None
 
     def embed(self, image, face: Face) -> Face:
@@ -114,12 +118,14 @@ class FaceAnalyzer:
         iface = InsightFace(
             bbox=face.bbox.astype(np.float32), kps=face.kps.astype(np.float32), det_score=face.det_score
         )
-        with self.model.lock:
+        with self.model.lock, warnings.catch_warnings():
+            # insightface's face_align calls scikit-image's deprecated SimilarityTransform.estimate: noise
+            warnings.filterwarnings("ignore", category=FutureWarning, module="insightface")
             raw = np.asarray(rec.get(bgr, iface), np.float64).reshape(-1)
+            aligned = face_align.norm_crop(
+                rgb, landmark=face.kps.astype(np.float32), image_size=rec.input_size[0]
+            )
         norm = np.linalg.norm(raw)
-        aligned = face_align.norm_crop(
-            rgb, landmark=face.kps.astype(np.float32), image_size=rec.input_size[0]
-        )
         return replace(face, embedding=(raw / norm if norm > 0 else raw).astype(np.float32), aligned=aligned)
 
     # -- the public one-stop call ----------------------------------------------------------------------
@@ -147,7 +153,7 @@ class FaceAnalyzer:
             )
         faces, size = self.detect(rgb)
         if not faces:
-            sizes = ", ".join(str(s) for s in self.det_sizes)
+            sizes = ", ".join(str(w) for w, _ in self._inputs)
             return ImageFaces(None, [], None, hw, f"no face found (detector sizes tried: {sizes})")
         if index < 0 or index >= len(faces):
             return ImageFaces(None, faces, size, hw, f"face #{index} asked for, but only {len(faces)} found")

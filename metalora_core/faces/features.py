@@ -89,17 +89,14 @@ def load_clip(folder: str | os.PathLike) -> FeatureModel:
     """A transformers CLIPModel (and its tokenizer, if the folder has one) from a local folder."""
     from transformers import AutoTokenizer, CLIPModel
 
-    folder = _check_folder(folder, "CLIP")
-    try:
-        model = CLIPModel.from_pretrained(str(folder), local_files_only=True).eval()
-    except Exception as exc:
-        raise MetaLoRAError(
-            f"{folder}: not a loadable transformers CLIP model ({type(exc).__name__}: {exc})"
-        ) from None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    except Exception:
-        tokenizer = None  # CLIP-I still works; CLIP-T is reported as skipped
+    folder, model = _from_folder(CLIPModel, folder, "CLIP")
+    tokenizer = None  # without tokenizer files CLIP-I still works and CLIP-T is reported as skipped
+    if any((folder / f).is_file() for f in ("tokenizer.json", "vocab.json", "tokenizer_config.json")):
+        # (transformers would otherwise build an EMPTY default CLIP tokenizer: meaningless text embeddings)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        except Exception as exc:
+            raise MetaLoRAError(f"{folder}: tokenizer files present but unreadable ({exc})") from None
     size, mean, std = _preprocessing(folder, model.config.vision_config.image_size, CLIP_MEAN, CLIP_STD)
     return FeatureModel("clip", model, size, mean, std, tokenizer)
 
@@ -108,26 +105,26 @@ def load_dino(folder: str | os.PathLike) -> FeatureModel:
     """A transformers DINOv2 (or any ViT-like AutoModel with a CLS token) from a local folder."""
     from transformers import AutoModel
 
-    folder = _check_folder(folder, "DINO")
-    try:
-        model = AutoModel.from_pretrained(str(folder), local_files_only=True).eval()
-    except Exception as exc:
-        raise MetaLoRAError(
-            f"{folder}: not a loadable transformers DINOv2 model ({type(exc).__name__}: {exc})"
-        ) from None
+    folder, model = _from_folder(AutoModel, folder, "DINOv2")
     default = int(getattr(model.config, "image_size", 224))
     size, mean, std = _preprocessing(folder, min(default, 224), IMAGENET_MEAN, IMAGENET_STD)
     return FeatureModel("dino", model, size, mean, std)
 
 
-def _check_folder(folder, what: str) -> Path:
+def _from_folder(cls, folder, what: str):
+    """(folder, eval-mode model) from a local transformers folder, offline; errors name the folder."""
     folder = Path(folder).expanduser()
     if not (folder / "config.json").is_file():
         raise MetaLoRAError(
             f"{what} model folder {folder} has no config.json: put a transformers model folder there "
             "(save_pretrained / a Hugging Face snapshot); nothing is downloaded"
         )
-    return folder
+    try:
+        return folder, cls.from_pretrained(str(folder), local_files_only=True).eval()
+    except Exception as exc:
+        raise MetaLoRAError(
+            f"{folder}: not a loadable transformers {what} model ({type(exc).__name__}: {exc})"
+        ) from None
 
 
 def load_feature_models(clip: str | None = None, dino: str | None = None) -> dict:

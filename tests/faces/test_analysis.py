@@ -115,3 +115,26 @@ def test_bad_image_shapes_are_named(analyzer):
 
     with pytest.raises(MetaLoRAError, match="expected an image"):
         analyzer.analyze(np.zeros((4, 4, 2), np.uint8))
+
+
+def test_fixed_size_detector_runs_at_its_size_only(face_root, tmp_path, astronaut):
+    """A detector exported with a fixed 640 x 640 input (some SCRFD exports) must not be retried at 576."""
+    import onnx
+
+    from metalora_core.faces import load_analyzer
+
+    folder = tmp_path / "insightface" / "models" / "fixed"
+    folder.mkdir(parents=True)
+    src = face_root / "insightface" / "models" / "tiny"
+    det = onnx.load(str(src / "det_tiny.onnx"))
+    dims = det.graph.input[0].type.tensor_type.shape.dim
+    dims[2].dim_value, dims[3].dim_value = 640, 640
+    onnx.save(det, str(folder / "det_tiny.onnx"))
+    (folder / "w600k_tiny.onnx").write_bytes((src / "w600k_tiny.onnx").read_bytes())
+    fixed = load_analyzer(tmp_path, "fixed", providers=["CPUExecutionProvider"])
+    assert fixed._inputs == [(640, 640)]
+    result = fixed.analyze(astronaut)  # no face: would raise at 576 if retried
+    assert result.face is None and "640" in result.note and "576" not in result.note
+    assert fixed.face(paint_markers(astronaut, [((288, 128), 128)])) is not None
+    with pytest.raises(ValueError, match="multiples of 32"):
+        FaceAnalyzer(fixed.model, det_sizes=(600,))

@@ -171,3 +171,15 @@ def test_psnr_ssim_against_skimage(astronaut):
     assert ssim(noisy, astronaut) == pytest.approx(expected, abs=1e-6)
     assert ssim(astronaut, astronaut) == pytest.approx(1.0)
     assert psnr(noisy[::2, ::2], astronaut) < 40  # another size is resized to the reference's
+
+
+def test_comfyui_image_batches(analyzer, photos):
+    """The R-FaceSim node passes IMAGE tensors (B, H, W, C) float in [0, 1]: same numbers as uint8 lists."""
+    import torch
+
+    refs, gens = photos
+    as_batch = lambda imgs: torch.from_numpy(np.stack(imgs).astype(np.float32) / 255.0)  # noqa: E731
+    from_tensors = r_facesim(analyzer, as_batch(gens), as_batch(refs), exclude=0)
+    from_lists = r_facesim(analyzer, gens, refs, exclude=0)
+    assert from_tensors.score == pytest.approx(from_lists.score, abs=1e-6)
+    assert from_tensors.no_face == 1 and from_tensors.images[0].name == "generated[0]"

@@ -1,0 +1,67 @@
+"""Optional CLIP-T / CLIP-I / DINO from LOCAL transformers folders (tiny random configs saved here)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from metalora_core.faces.features import feature_scores, load_feature_models
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def feature_dirs(tmp_path_factory):
+    import torch
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer, Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("features")
+    text = dict(
+        vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
+    )
+    text.update(max_position_embeddings=32, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    vision.update(image_size=32, patch_size=8)
+    clip = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+    clip.save_pretrained(root / "clip")
+    clip.save_pretrained(root / "clip_no_tokenizer")
+    CLIPTokenizer().save_pretrained(root / "clip")  # bos/eos/pad only: every word is <unk>, enough to run
+    dino_cfg = dict(vision, num_hidden_layers=1)  # the same tiny ViT sizes as CLIP's vision tower
+    dino = Dinov2Model(Dinov2Config(**dino_cfg))
+    dino.save_pretrained(root / "dino")
+    return root
+
+
+def _images(n, seed):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (48, 40, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def test_clip_and_dino_scores(feature_dirs):
+    models = load_feature_models(clip=feature_dirs / "clip", dino=feature_dirs / "dino")
+    assert set(models) == {"clip", "dino", "skipped"} and models["skipped"] == {}
+    gen, real = _images(2, 0), _images(3, 1)
+    scores = feature_scores(models, gen, real, real[0], prompt="a photo of a person")
+    for key in ("clip_t", "clip_i", "clip_i_ref", "dino", "dino_ref"):
+        assert -1.0 <= scores[key] <= 1.0
+    # CLIP-I by hand with the same embeddings
+    clip = models["clip"]
+    expected = float(np.mean(clip.image_embeddings(gen) @ clip.image_embeddings(real).T))
+    assert scores["clip_i"] == pytest.approx(expected, abs=1e-9)
+    same = feature_scores(models, real[:1], real[:1], None)
+    assert same["clip_i"] == pytest.approx(1.0, abs=1e-6) and same["dino"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_missing_folders_and_tokenizer_are_skipped_with_reasons(feature_dirs, tmp_path):
+    models = load_feature_models(clip=feature_dirs / "clip_no_tokenizer", dino=tmp_path / "nothing")
+    assert "dino" not in models and "no config.json" in models["skipped"]["dino"]
+    scores = feature_scores(models, _images(1, 0), _images(1, 1), None, prompt="x")
+    assert "clip_i" in scores and "clip_t" not in scores
+    assert "tokenizer" in scores["skipped"]["clip_t"] and "dino" in scores["skipped"]
+    assert (
+        "no prompt"
+        in feature_scores(load_feature_models(clip=feature_dirs / "clip"), _images(1, 0), [], None)[
+            "skipped"
+        ]["clip_t"]
+    )
