@@ -54,9 +54,13 @@ def apply_mod(
 
 
 def _linear(module: nn.Module, x: torch.Tensor, head: Head | None) -> torch.Tensor:
-    """``module(x)`` plus the adapter's bypass contribution, cast to the layer output's dtype."""
+    """``module(x)`` plus the adapter's bypass contribution, cast to the layer output's dtype (fused into
+    one ``addmm`` by ``IdentityHead.add_into`` when the dtypes allow, as the standalone backend does)."""
     y = module(x)
-    return y if head is None else y + head(x).to(y.dtype)
+    if head is None:
+        return y
+    add_into = getattr(head, "add_into", None)
+    return add_into(y, x) if add_into is not None else y + head(x).to(y.dtype)
 
 
 def _modulation(mod_module: nn.Module, vec: torch.Tensor, head: Head | None) -> tuple[Any, Any]:
