@@ -9,9 +9,11 @@ from .export import MetaLoRAExportLoRA
 from .faces import MetaLoRAFaceCrop, MetaLoRAFaceSimilarity
 from .files import MetaLoRALoadIdentity, MetaLoRALoadLoMD, MetaLoRASaveIdentity
 from .model_folders import register_model_folders
+from .train_identity import MetaLoRATrainIdentity
 
 NODES: list[type[io.ComfyNode]] = [
     MetaLoRALoadLoMD,
+    MetaLoRATrainIdentity,
     MetaLoRAApply,
     MetaLoRASaveIdentity,
     MetaLoRALoadIdentity,
