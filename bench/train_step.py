@@ -280,8 +280,6 @@ def main(argv=None) -> int:
     ap.add_argument("--full-px", default="512,1024", help="--full: square resolutions to time")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args(argv)
-    if args.device == "cpu" and not mmap_large_allocations():
-        print("note: could not set glibc's mmap threshold; CPU peak memory may be under-reported")
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}")
@@ -343,4 +341,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    # process-wide allocator setting, so only when run as a script (never inside a test session)
+    if not mmap_large_allocations():
+        print("note: could not set glibc's mmap threshold; CPU peak memory may be under-reported")
     sys.exit(main())
