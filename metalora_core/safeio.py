@@ -84,6 +84,15 @@ def read_keys(path: str | os.PathLike) -> list[str]:
         raise MetaLoRAError(f"{path}: not a readable safetensors file ({exc})") from None
 
 
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The header metadata only (cheap: no tensor is read)."""
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return dict(fh.metadata() or {})
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise MetaLoRAError(f"{path}: not a readable safetensors file ({exc})") from None
+
+
 def fingerprint(tensors: Mapping[str, torch.Tensor]) -> str:
     """A content hash over names, dtypes, shapes and bytes, independent of insertion order."""
     digest = hashlib.sha256()
