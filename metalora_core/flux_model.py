@@ -87,7 +87,9 @@ def load_diffusers_flux(
     missing = set(model.state_dict()) - set(sd)
     if missing:
         raise MetaLoRAError(f"{path}: key '{sorted(missing)[0]}' is missing ({len(missing)} missing)")
-    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in sd.items()}, strict=True, assign=True)
+    model.load_state_dict(
+        {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}, strict=True, assign=True
+    )
     return model, dims  # tensors were cast while loading: a later `.to(dtype)` would only make diffusers warn
 
 
