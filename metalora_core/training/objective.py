@@ -61,8 +61,9 @@ def flow_loss(
 ) -> torch.Tensor:
     """Mean squared velocity error; ``weight`` (broadcastable to the latents, e.g. a face mask) reweights it."""
     x_t = noisy_latents(x0, noise, t)
-    pred = backend.velocity(x_t, t, cond, guidance).float()
-    err = (pred - (noise - x0).float()) ** 2
+    pred = backend.velocity(x_t, t, cond, guidance)
+    work = torch.promote_types(pred.dtype, torch.float32)  # float32 or better (float64 in gradient checks)
+    err = (pred.to(work) - (noise - x0).to(work)) ** 2
     if weight is None:
         return err.mean()
     w = weight.to(err.dtype).expand_as(err)

@@ -1,0 +1,96 @@
+"""Text conditioning for standalone training: a precomputed file, or FLUX's own text encoders read offline
+from a diffusers pipeline folder (``text_encoder/`` CLIP-L + ``tokenizer/``, ``text_encoder_2/`` T5-XXL +
+``tokenizer_2/``, as FLUX.1-dev ships). Nothing is ever downloaded."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from ..errors import MetaLoRAError
+from ..safeio import load_tensors, save_tensors
+from ..targets import FluxDims
+from .protocol import TextConditioning
+
+FORMAT_CONDITIONING = "metalora.conditioning"
+T5_MAX_TOKENS = 512  # FLUX.1-dev's max_sequence_length
+CLIP_MAX_TOKENS = 77
+
+
+def save_conditioning(
+    path: str | os.PathLike, cond: TextConditioning, metadata: Mapping[str, object] | None = None
+) -> Path:
+    tensors = {"context": cond.context}
+    if cond.pooled is not None:
+        tensors["pooled"] = cond.pooled
+    return save_tensors(path, tensors, {"format": FORMAT_CONDITIONING, **(metadata or {})})
+
+
+def load_conditioning(path: str | os.PathLike, dims: FluxDims | None = None) -> TextConditioning:
+    """Read ``context`` ``(tokens, ctx)`` and optional ``pooled`` ``(vec,)``; check them against the model."""
+    tensors, _ = load_tensors(path)
+    if "context" not in tensors:
+        raise MetaLoRAError(
+            f"{path}: no 'context' tensor (tokens x context_dim); write it with the T5 features"
+        )
+    cond = TextConditioning(tensors["context"].float(), tensors.get("pooled"))
+    if cond.context.ndim != 2 or (cond.pooled is not None and cond.pooled.ndim != 1):
+        raise MetaLoRAError(f"{path}: 'context' must be (tokens, dim) and 'pooled' (dim,)")
+    if dims is not None:
+        if cond.context.shape[1] != dims.context_dim:
+            raise MetaLoRAError(
+                f"{path}: context width {cond.context.shape[1]} does not fit the model's {dims.context_dim}"
+            )
+        if dims.vec_dim and (cond.pooled is None or cond.pooled.shape[0] != dims.vec_dim):
+            got = None if cond.pooled is None else cond.pooled.shape[0]
+            raise MetaLoRAError(f"{path}: 'pooled' must have {dims.vec_dim} values for this model, got {got}")
+    if cond.pooled is not None:
+        cond.pooled = cond.pooled.float()
+    return cond
+
+
+def has_text_encoders(folder: str | os.PathLike) -> bool:
+    folder = Path(folder)
+    return folder.is_dir() and all(
+        (folder / sub).is_dir() for sub in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+    )
+
+
+def encode_prompt(
+    folder: str | os.PathLike,
+    prompt: str,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> TextConditioning:
+    """Encode ``prompt`` with the pipeline folder's CLIP (pooled) and T5 (context), local files only."""
+    from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
+
+    folder = Path(folder)
+    if not has_text_encoders(folder):
+        raise MetaLoRAError(
+            f"{folder}: no FLUX text encoders (needs text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/ "
+            "as in the FLUX.1-dev repository); or pass --conditioning with precomputed features"
+        )
+    try:
+        clip_tok = AutoTokenizer.from_pretrained(str(folder / "tokenizer"), local_files_only=True)
+        t5_tok = AutoTokenizer.from_pretrained(str(folder / "tokenizer_2"), local_files_only=True)
+        clip = CLIPTextModel.from_pretrained(str(folder / "text_encoder"), local_files_only=True, dtype=dtype)
+        t5 = T5EncoderModel.from_pretrained(
+            str(folder / "text_encoder_2"), local_files_only=True, dtype=dtype
+        )
+    except (OSError, ValueError) as exc:
+        raise MetaLoRAError(f"{folder}: could not load the text encoders offline ({exc})") from None
+    with torch.no_grad():
+        ids = clip_tok(
+            prompt, padding="max_length", max_length=CLIP_MAX_TOKENS, truncation=True, return_tensors="pt"
+        )
+        pooled = clip.to(device)(ids.input_ids.to(device), output_hidden_states=False).pooler_output[0]
+        del clip
+        ids = t5_tok(
+            prompt, padding="max_length", max_length=T5_MAX_TOKENS, truncation=True, return_tensors="pt"
+        )
+        context = t5.to(device)(ids.input_ids.to(device), output_hidden_states=False)[0][0]
+    return TextConditioning(context.float().cpu(), pooled.float().cpu())

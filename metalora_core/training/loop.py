@@ -1,0 +1,185 @@
+"""The single-subject training loop shared by Meta-LoRA personalization and the plain-LoRA baseline.
+
+It only sees a :class:`FluxBackend`, named trainable parameters and a context manager that puts them into
+the forward, so Meta-LoRA (bypass heads) and peft LoRA run the very same steps: same views, timesteps and
+noise for the same seed, which is what a step-for-step comparison needs.
+
+Every random draw (view choice, timestep, noise) comes from one CPU ``torch.Generator`` seeded from the
+config and saved in checkpoints, so a resumed run reproduces an uninterrupted one bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import MetaLoRAError
+from .checkpoint import TrainState, load_checkpoint, save_checkpoint
+from .objective import flow_loss, sample_timesteps
+from .protocol import FluxBackend, Progress, TextConditioning, TrainingCancelled
+from .schedules import TrainingDiverged, clip_and_check, make_adamw, make_scheduler, param_groups
+
+
+@dataclass
+class LoopSettings:
+    """The knobs of :func:`run_loop` (a subset of ``PersonalizeConfig``; see its docs for the defaults)."""
+
+    steps: int
+    lr: float
+    lr_by_suffix: dict[str, float | None] = field(default_factory=dict)
+    weight_decay: float = 0.0
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    cycles: int = 1
+    min_lr_ratio: float = 0.0
+    batch_size: int = 1
+    max_grad_norm: float | None = 1.0
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    guidance: float | None = 1.0
+    timestep_shift: bool = True
+    checkpoint_every: int = 0
+    checkpoint_path: str | None = None
+    resume_from: str | None = None
+
+
+@dataclass
+class LoopOutcome:
+    losses: list[float]
+    lrs: list[float]
+    steps_done: int
+    seconds: float
+
+
+def stack_views(
+    views: Sequence[torch.Tensor], weights: Sequence[torch.Tensor] | None, device, dtype
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Views ``(C, H, W)`` -> ``(N, C, H, W)``; weights ``(1, H, W)`` -> ``(N, 1, H, W)``, checked."""
+    if not views:
+        raise MetaLoRAError("no training views: give at least one encoded image")
+    shapes = {tuple(v.shape) for v in views}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 3:
+        raise MetaLoRAError(f"views must all be latents of one shape (C, H, W), got {sorted(shapes)}")
+    x = torch.stack([v.detach() for v in views]).to(device, dtype)
+    if weights is None:
+        return x, None
+    if len(weights) != len(views):
+        raise MetaLoRAError(f"{len(weights)} loss weights for {len(views)} views: give one mask per view")
+    w = torch.stack([m.detach() for m in weights]).to(device, torch.float32)
+    if w.shape[1] != 1 or w.shape[2:] != x.shape[2:] or bool((w < 0).any()):
+        raise MetaLoRAError(
+            f"loss weights must be non-negative masks (1, {x.shape[2]}, {x.shape[3]}), got {tuple(w.shape[1:])}"
+        )
+    return x, w
+
+
+def run_loop(
+    backend: FluxBackend,
+    params: Mapping[str, torch.nn.Parameter],
+    attach: Callable[[], AbstractContextManager[object]],
+    views: Sequence[torch.Tensor],
+    cond: TextConditioning,
+    settings: LoopSettings,
+    describe: Mapping[str, object],
+    on_progress: Callable[[Progress], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+    weights: Sequence[torch.Tensor] | None = None,
+    make_result: Callable[[LoopOutcome], object] | None = None,
+) -> LoopOutcome:
+    """Train ``params`` for ``settings.steps`` optimizer steps of the rectified-flow objective.
+
+    ``describe`` is what a checkpoint must agree on to be resumed (the full settings). On NaN/inf the
+    step is not taken and :class:`TrainingDiverged` is raised with ``make_result`` of the last finite state.
+    """
+    if settings.steps < 1:
+        raise MetaLoRAError(f"steps must be >= 1, got {settings.steps}")
+    if settings.checkpoint_every and not settings.checkpoint_path:
+        raise MetaLoRAError("checkpoint_every needs a checkpoint_path to write to")
+    x0_all, w_all = stack_views(views, weights, backend.device, torch.float32)
+    generator = torch.Generator().manual_seed(settings.seed)
+    named = list(params.items())
+    groups = param_groups(named, settings.lr, settings.lr_by_suffix, settings.weight_decay)
+    optimizer = make_adamw(groups)
+    scheduler = make_scheduler(
+        optimizer,
+        settings.steps,
+        settings.schedule,
+        settings.warmup_steps,
+        settings.cycles,
+        settings.min_lr_ratio,
+    )
+    state = TrainState(params, optimizer, scheduler, generator)
+    losses: list[float] = []
+    start = 0
+    if settings.resume_from:
+        start, losses = load_checkpoint(settings.resume_from, state, describe)
+    base_lr, lr_at = scheduler.base_lrs[-1], scheduler.lr_lambdas[-1]
+    lrs: list[float] = [base_lr * lr_at(i) for i in range(start)]
+    trainable = [p for _, p in named]
+    begun = time.perf_counter()
+
+    def outcome(done: int) -> LoopOutcome:
+        return LoopOutcome(list(losses), list(lrs), done, time.perf_counter() - begun)
+
+    n, (height, width) = x0_all.shape[0], x0_all.shape[2:]
+    if settings.gradient_checkpointing:
+        backend.set_gradient_checkpointing(True)
+    try:
+        with attach():
+            for step in range(start, settings.steps):
+                if should_cancel is not None and should_cancel():
+                    raise TrainingCancelled(f"training cancelled at step {step} of {settings.steps}")
+                idx = torch.randint(n, (settings.batch_size,), generator=generator)
+                t = sample_timesteps(
+                    settings.batch_size, (height, width), generator, settings.timestep_shift, backend.device
+                )
+                x0 = x0_all[idx]
+                noise = torch.randn(x0.shape, generator=generator).to(backend.device, x0.dtype)
+                lr = float(optimizer.param_groups[-1]["lr"])
+                with torch.autocast(backend.device.type, dtype=torch.bfloat16, enabled=settings.bf16):
+                    loss = flow_loss(
+                        backend, x0, cond, t, noise, settings.guidance, None if w_all is None else w_all[idx]
+                    )
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    _diverged(f"the loss became {value} at step {step + 1}", lr, outcome(step), make_result)
+                loss.backward()
+                norm = clip_and_check(trainable, settings.max_grad_norm)
+                if not math.isfinite(norm):
+                    optimizer.zero_grad(set_to_none=True)
+                    _diverged(
+                        f"the gradient norm became {norm} at step {step + 1}", lr, outcome(step), make_result
+                    )
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(value)
+                lrs.append(lr)
+                done = step + 1
+                if settings.checkpoint_every and (
+                    done % settings.checkpoint_every == 0 or done == settings.steps
+                ):
+                    save_checkpoint(settings.checkpoint_path, state, done, losses, describe)  # type: ignore[arg-type]
+                if on_progress is not None:
+                    elapsed = time.perf_counter() - begun
+                    eta = elapsed / (done - start) * (settings.steps - done)
+                    on_progress(Progress(done, settings.steps, value, lr, eta))
+    finally:
+        if settings.gradient_checkpointing:
+            backend.set_gradient_checkpointing(False)
+    return outcome(settings.steps)
+
+
+def _diverged(what: str, lr: float, last: LoopOutcome, make_result) -> None:
+    kept = f"the weights after step {last.steps_done} (the last finite ones) are kept"
+    raise TrainingDiverged(
+        f"training stopped: {what} (lr {lr:.3g}); {kept}. Lower the learning rate, keep gradient clipping "
+        "on, or train in float32 instead of bf16",
+        make_result(last) if make_result is not None else None,
+    )
