@@ -13,12 +13,13 @@ the same bank; a process holds only the identities it owns (``index % world == r
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from ..adapter import IdentityHead
+from ..formats import IdentityAdapter, LoMD
 from ..inject import head_key
 from ..training.schedules import make_adamw
 
@@ -115,13 +116,21 @@ class HeadBank:
                     step = state["step"]
             self.tensors[f"{i}.step"].copy_(torch.as_tensor(step, dtype=torch.float32))
 
-    def adapter_tensors(self, identity: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """``(mids, ups)`` of one identity by canonical target (to save a head as an IdentityAdapter)."""
-        mids = {n: self.tensors[f"{identity}.{n}.mid"].clone() for n in self.layout.outs}
-        ups = {n: self.tensors[f"{identity}.{n}.up"].clone() for n in self.layout.outs}
-        return mids, ups
-
 
 def optimizer_state_numel(optimizer: torch.optim.Optimizer) -> int:
     """Elements held in an optimizer's state tensors (what a paged batch costs on the device)."""
     return sum(v.numel() for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor))
+
+
+def bank_adapters(
+    bank: Mapping[str, torch.Tensor], layout: BankLayout, lomd: LoMD, names: Mapping[int, str]
+) -> dict[str, IdentityAdapter]:
+    """The meta-trained heads of a full bank as identity adapters (for analysis), by identity name."""
+    shape = replace(lomd.shape, rank_mid=layout.rank_mid)
+    out = {}
+    for i, name in names.items():
+        mids = {n: bank[f"{i}.{n}.mid"].clone() for n in layout.outs}
+        ups = {n: bank[f"{i}.{n}.up"].clone() for n in layout.outs}
+        training = {"method": "metalora-stage1-head", "identity": name, "steps": int(bank[f"{i}.step"])}
+        out[name] = IdentityAdapter(mids, ups, shape, lomd.fingerprint, training, "flux", lomd.hidden_size)
+    return out
