@@ -41,8 +41,13 @@ def meta_backend(meta_assets):
     return DiffusersFluxBackend.from_path(meta_assets["flux"])
 
 
-def build(meta_assets, batch: int, seed: int = 0):
-    """(data, plan, prepared) of the synthetic set for batches of ``batch``; latents cached per session."""
+@pytest.fixture(scope="session")
+def build(meta_assets):
+    """``build(batch)``: (data, plan, prepared) of the synthetic set; latents cached on disk per session."""
+    return lambda batch, seed=0: _build(meta_assets, batch, seed)
+
+
+def _build(meta_assets, batch: int, seed: int = 0):
     data = load_identity_set(meta_assets["data"])
     plan = plan_buckets([it.size for it in data.items], RES, batch, MAX_ASPECT_ERROR, seed)
     cond = load_conditioning(meta_assets["cond"])
