@@ -47,14 +47,14 @@ def build(meta_assets):
     return lambda batch, seed=0: _build(meta_assets, batch, seed)
 
 
-def _build(meta_assets, batch: int, seed: int = 0):
+def _build(meta_assets, batch: int, seed: int = 0, owns=lambda identity: True):
     data = load_identity_set(meta_assets["data"])
     plan = plan_buckets([it.size for it in data.items], RES, batch, MAX_ASPECT_ERROR, seed)
     cond = load_conditioning(meta_assets["cond"])
     prepared = prepare(
         data,
         plan,
-        lambda i: True,
+        owns,
         lambda: vae_encoder(tiny_vae(0)),
         "tiny-vae-seed0",
         lambda caption: cond,
