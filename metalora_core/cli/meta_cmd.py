@@ -28,12 +28,12 @@ from ..training.data import photo_bucket
 from ..training.diffusers_backend import DiffusersFluxBackend
 from ..training.schedules import SCHEDULES
 from ..training.standalone import find_parts, load_vae, vae_encoder
-from .personalize_cmd import DTYPES, _Bar
+from .personalize_cmd import DTYPES, _Bar, add_run_options
 
 # options whose argparse dest is a MetaConfig field of the same name
 CONFIG_ARGS = (
-    "steps", "identities_per_batch", "lr", "lr_heads", "weight_decay", "schedule", "warmup_steps",
-    "rank_down", "rank_mid", "alpha", "targets", "bf16", "seed", "guidance", "checkpoint_every", "resume_from",
+    "steps", "lr", "lr_heads", "weight_decay", "schedule", "warmup_steps",
+    "rank_down", "rank_mid", "alpha", "targets", "bf16", "gradient_checkpointing", "seed", "guidance", "checkpoint_every", "resume_from",
 )  # fmt: skip
 
 
@@ -118,6 +118,7 @@ def _meta_train(args, ctx: DistContext, device: torch.device) -> int:
     )
     config = MetaConfig(
         **{name: getattr(args, name) for name in CONFIG_ARGS},
+        batch_size=args.identities_per_batch,
         checkpoint_path=str(out.with_suffix(".ckpt.safetensors")) if args.checkpoint_every else None,
     )
     trainer = MetaTrainer(backend, data, plan, prepared, config, ctx)
@@ -210,9 +211,7 @@ def _data_args(p) -> None:
     p.add_argument(
         "--resolution", type=int, default=512, help="pixel budget side: buckets of <= res^2 pixels"
     )
-    p.add_argument(
-        "--identities-per-batch", type=int, default=MetaConfig.identities_per_batch, help="photos per step"
-    )
+    p.add_argument("--identities-per-batch", type=int, default=MetaConfig.batch_size, help="photos per step")
     p.add_argument(
         "--max-aspect-error",
         type=float,
@@ -252,17 +251,12 @@ def register(sub) -> None:
     p.add_argument(
         "--targets", default=DEFAULT_PRESET, help="; ".join(f"{k}: {v}" for k, v in PRESET_HELP.items())
     )
-    p.add_argument("--guidance", type=float, default=1.0, help="FLUX.1-dev guidance input in training")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast of the forward")
-    p.add_argument("--checkpoint-every", type=int, default=0, help="write OUT.ckpt.safetensors every N steps")
-    p.add_argument("--resume", dest="resume_from", help="continue from a checkpoint (any process count)")
+    add_run_options(p, "continue from a checkpoint (written by any number of processes)")
     p.add_argument("--holdout", type=int, default=0, help="identities kept out for the hold-out check")
     p.add_argument("--holdout-every", type=int, default=100, help="run the hold-out check every K steps")
     p.add_argument("--holdout-steps", type=int, default=20, help="personalization steps in the check")
     p.add_argument("--save-heads", help="also write every identity's meta-trained head to this folder")
     p.add_argument("--cache-dir", help="latent / text cache (default: OUT.cache/)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="transformer weight dtype")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_meta_train)
 

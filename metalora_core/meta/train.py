@@ -30,6 +30,7 @@ from ..flux_model import fused_shapes
 from ..formats import LoMD
 from ..targets import DEFAULT_PRESET
 from ..training.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from ..training.loop import LoopSettings
 from ..training.objective import flow_loss, sample_timesteps
 from ..training.protocol import FluxBackend, Progress
 from ..training.schedules import TrainingDiverged, make_adamw, make_scheduler, param_groups
@@ -43,29 +44,24 @@ DOWN, BANK = "down.", "bank."
 
 
 @dataclass
-class MetaConfig:
-    """Stage-1 settings (README "Meta-training a LoMD" explains the defaults)."""
+class MetaConfig(LoopSettings):
+    """Stage-1 settings: the personalization loop's knobs plus the heads' (README "Meta-training a LoMD"
+    explains the defaults). ``batch_size`` is photos per step, drawn from one bucket: up to that many
+    identities (``--identities-per-batch``)."""
 
     steps: int = 2000
-    identities_per_batch: int = 4  # photos per step, drawn from one bucket (up to this many identities)
     lr: float = 1e-4  # the shared Down
-    lr_heads: float = 4e-4  # Mid/Up heads: personalization's LR, as they play the same role
-    weight_decay: float = 0.0
-    schedule: str = "constant"
+    batch_size: int = 4
     warmup_steps: int = 100
-    min_lr_ratio: float = 0.0
+    lr_heads: float = 4e-4  # Mid/Up heads: personalization's LR, as they play the same role
     rank_down: int = 4
     rank_mid: int = 16
     alpha: float | None = None
     targets: str = DEFAULT_PRESET
-    max_grad_norm: float | None = 1.0
-    bf16: bool = False
-    seed: int = 0
-    guidance: float | None = 1.0
-    timestep_shift: bool = True
-    checkpoint_every: int = 0
-    checkpoint_path: str | None = None
-    resume_from: str | None = None
+
+    @property
+    def identities_per_batch(self) -> int:
+        return self.batch_size
 
     @property
     def shape(self) -> AdapterShape:
@@ -126,7 +122,12 @@ class MetaTrainer:
         groups = param_groups(list(self.downs.items()), config.lr, {}, config.weight_decay)
         self.optimizer = make_adamw(groups)
         self.scheduler = make_scheduler(
-            self.optimizer, config.steps, config.schedule, config.warmup_steps, 1, config.min_lr_ratio
+            self.optimizer,
+            config.steps,
+            config.schedule,
+            config.warmup_steps,
+            config.cycles,
+            config.min_lr_ratio,
         )
         self.generator = torch.Generator().manual_seed(config.seed)  # kept in checkpoints for the format
         self.losses: list[float] = []
@@ -255,6 +256,20 @@ class MetaTrainer:
         if cfg.resume_from:
             self.resume(cfg.resume_from)
         start, begun = self.step, time.perf_counter()
+        if cfg.gradient_checkpointing:
+            self.backend.set_gradient_checkpointing(True)
+        try:
+            self._run(start, begun, on_progress, every)
+        finally:
+            if cfg.gradient_checkpointing:
+                self.backend.set_gradient_checkpointing(False)
+        bank = self.full_bank()
+        return MetaResult(
+            self.lomd(), list(self.losses), self.step, time.perf_counter() - begun, bank, self.layout
+        )
+
+    def _run(self, start: int, begun: float, on_progress, every) -> None:
+        cfg = self.config
         while self.step < cfg.steps:
             loss = self.train_step()
             done = self.step
@@ -268,7 +283,3 @@ class MetaTrainer:
                 on_progress(
                     Progress(done, cfg.steps, loss, lr, elapsed / (done - start) * (cfg.steps - done))
                 )
-        bank = self.full_bank()
-        return MetaResult(
-            self.lomd(), list(self.losses), self.step, time.perf_counter() - begun, bank, self.layout
-        )

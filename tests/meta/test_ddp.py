@@ -22,7 +22,7 @@ import torch
 from metalora_core.formats import load_lomd
 from metalora_core.meta.train import MetaConfig, MetaTrainer
 
-FAST = dict(identities_per_batch=4, lr=3e-3, lr_heads=3e-3, warmup_steps=1, rank_mid=4)
+FAST = dict(batch_size=4, lr=3e-3, lr_heads=3e-3, warmup_steps=1, rank_mid=4)
 ATOL = 1e-5
 
 

@@ -7,7 +7,7 @@ import torch
 
 from metalora_core.meta.train import MetaConfig, MetaTrainer
 
-FAST = dict(identities_per_batch=2, lr=3e-3, lr_heads=3e-3, warmup_steps=2, rank_mid=4)
+FAST = dict(batch_size=2, lr=3e-3, lr_heads=3e-3, warmup_steps=2, rank_mid=4)
 
 
 def test_loss_falls_and_the_down_moves(build, meta_backend):
