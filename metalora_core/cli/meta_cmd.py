@@ -106,6 +106,11 @@ def _meta_train(args, ctx: DistContext, device: torch.device) -> int:
             f"{args.flux}: no VAE found; pass --vae with a diffusers AutoencoderKL folder (FLUX.1-dev's vae/)"
         )
     full = _load_data(args)
+    if not full.items:
+        raise MetaLoRAError(
+            f"{args.data}: no usable photo ({len(full.no_face_images)} without a face, "
+            f"{len(full.unreadable)} unreadable); see `metalora dataset check {args.data}`"
+        )
     data, held = split_holdout(full, args.holdout)
     if data.skipped_identities and ctx.is_main:
         print(json.dumps({"skipped_no_face": data.skipped_identities}))

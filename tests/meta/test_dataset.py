@@ -92,3 +92,25 @@ def test_dataset_check_reports_buckets_and_drops(meta_assets, capsys):
     assert main(["dataset", "check", data, "--resolution", "128", "--max-aspect-error", "0.5"]) == 0
     assert "dropped (aspect further than 0.5 from every bucket): 0" in capsys.readouterr().out
     assert main(["dataset", "check", str(meta_assets["root"] / "nope")]) == 2
+
+
+def test_dataset_check_with_a_face_model_reports_faces_and_skipped_identities(tmp_path, capsys):
+    """Through insightface with the tiny marker detector: identity 'a' has faces, 'b' none."""
+    import numpy as np
+
+    from metalora_core.dev.tiny_faces import paint_markers, write_tiny_face_models
+
+    write_tiny_face_models(tmp_path / "models")
+    for name, marked in (("a", True), ("b", False)):
+        for j in range(2):
+            rgb = np.full((320, 320, 3), 90 + 40 * j, np.uint8)
+            rgb = paint_markers(rgb, [((320, 320), 128)]) if marked else rgb
+            (tmp_path / "data" / name).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rgb).save(tmp_path / "data" / name / f"{j}.png")
+    args = ["dataset", "check", str(tmp_path / "data"), "--face-models", str(tmp_path / "models")]
+    assert main([*args, "--face-model", "tiny", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["faces_found"] == 2 and report["skipped_identities"] == ["b"]
+    assert report["identities"] == 1 and len(report["no_face_images"]) == 2
+    assert main([*args, "--face-model", "missing"]) == 2
+    assert "missing" in capsys.readouterr().err
