@@ -69,7 +69,11 @@ def unmerge_from(weight: torch.Tensor, delta: torch.Tensor, strength: float = 1.
 
 
 class IdentityHead(nn.Module):
-    """One target's adapter: frozen shared ``down`` plus trainable ``mid`` and ``up``.
+    """One target's adapter: shared ``down`` plus trainable ``mid`` and ``up``.
+
+    ``down`` given as a tensor is copied into a frozen buffer (personalization). Given as an
+    ``nn.Parameter`` it is kept as that very Parameter, so many identities' heads share one trainable Down
+    (stage-1 meta-training, where the Down is what is learned).
 
     A head is owned per *canonical* (BFL-named) target. Layers that diffusers splits out of a fused layer
     (``to_q``/``to_k``/``to_v``/``proj_mlp``) share one head and read a row slice of ``up``, so their
@@ -88,7 +92,10 @@ class IdentityHead(nn.Module):
     ) -> None:
         super().__init__()
         rank_down, _ = down.shape
-        self.register_buffer("down", down.detach().clone(), persistent=True)
+        if isinstance(down, nn.Parameter):
+            self.down = down
+        else:
+            self.register_buffer("down", down.detach().clone(), persistent=True)
         if mid_init is None:
             mid_init = torch.empty(rank_mid, rank_down, dtype=down.dtype)
             nn.init.kaiming_uniform_(mid_init, a=5**0.5)

@@ -155,6 +155,24 @@ def run(args) -> int:
     return 0
 
 
+def add_run_options(
+    p, resume_help: str = "continue from a checkpoint written with the same settings"
+) -> None:
+    """Options every standalone training command shares: guidance, precision, memory, checkpoints, device."""
+    p.add_argument("--guidance", type=float, default=1.0, help="FLUX.1-dev guidance input in training")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast of the forward")
+    p.add_argument(
+        "--checkpointing",
+        dest="gradient_checkpointing",
+        action="store_true",
+        help="gradient checkpointing (less memory)",
+    )
+    p.add_argument("--checkpoint-every", type=int, default=0, help="write OUT.ckpt.safetensors every N steps")
+    p.add_argument("--resume", dest="resume_from", help=resume_help)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="transformer weight dtype")
+
+
 def register(sub) -> None:
     p = sub.add_parser(
         "personalize",
@@ -199,21 +217,8 @@ def register(sub) -> None:
     p.add_argument("--trigger", default="ohwx", help="trigger word (default ohwx)")
     p.add_argument("--class", dest="subject_class", default="person", help="class word (default person)")
     p.add_argument("--caption", default=DEFAULT_CAPTION, help="caption template (default '%(default)s')")
-    p.add_argument("--guidance", type=float, default=1.0, help="FLUX.1-dev guidance input in training")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast of the forward")
-    p.add_argument(
-        "--checkpointing",
-        dest="gradient_checkpointing",
-        action="store_true",
-        help="gradient checkpointing (less memory)",
-    )
-    p.add_argument("--checkpoint-every", type=int, default=0, help="write OUT.ckpt.safetensors every N steps")
-    p.add_argument(
-        "--resume", dest="resume_from", help="continue from a checkpoint written with the same settings"
-    )
     p.add_argument("--cache-dir", help="keep the encoded views here and reuse them next time")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="transformer weight dtype")
+    add_run_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 

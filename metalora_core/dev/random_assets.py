@@ -9,7 +9,7 @@ import torch
 from ..adapter import AdapterShape
 from ..flux_model import read_flux_dims
 from ..formats import IdentityAdapter, LoMD
-from ..targets import DEFAULT_PRESET, resolve_targets
+from ..targets import DEFAULT_PRESET, FluxDims, resolve_targets
 
 
 def random_lomd(
@@ -21,12 +21,19 @@ def random_lomd(
     """Orthonormal-row random Downs (as a meta-learned Down is well conditioned) for the model's targets."""
     shape = shape or AdapterShape()
     dims, _ = read_flux_dims(model_path)
+    return LoMD(orthonormal_downs(dims, shape.rank_down, preset, seed), shape, "flux", dims.hidden)
+
+
+def orthonormal_downs(
+    dims: FluxDims, rank_down: int, preset: str | list[str] = DEFAULT_PRESET, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """A ``rank_down x in`` Down with orthonormal rows per target (also meta-training's starting point)."""
     g = torch.Generator().manual_seed(seed)
     downs = {}
     for target in resolve_targets(dims, preset):
-        q, _ = torch.linalg.qr(torch.randn(target.in_features, shape.rank_down, generator=g))
+        q, _ = torch.linalg.qr(torch.randn(target.in_features, rank_down, generator=g))
         downs[target.name] = q.T.contiguous()
-    return LoMD(downs, shape, "flux", dims.hidden)
+    return downs
 
 
 def random_adapter(
