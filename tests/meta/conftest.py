@@ -4,7 +4,6 @@ shared tiny FLUX, and one torch thread per test (2 shared cores: oversubscribed 
 from __future__ import annotations
 
 import pytest
-import torch
 
 from metalora_core.dev.conditioning import write_random_conditioning
 from metalora_core.dev.synthetic_identities import write_synthetic_identities
@@ -17,14 +16,6 @@ from metalora_core.training.diffusers_backend import DiffusersFluxBackend
 from metalora_core.training.standalone import vae_encoder
 
 RES, MAX_ASPECT_ERROR = 128, 0.5  # 128 px keeps the latents 16x16; 0.5 lets every synthetic aspect fit
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

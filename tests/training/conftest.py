@@ -10,15 +10,6 @@ from metalora_core.training.diffusers_backend import DiffusersFluxBackend
 from metalora_core.training.protocol import TextConditioning
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine spinning threads cost a lot."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="session")
 def backend(assets):
     return DiffusersFluxBackend.from_path(assets["diffusers"])
