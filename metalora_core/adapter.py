@@ -111,13 +111,16 @@ class IdentityHead(nn.Module):
         self.scale = float(scale)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
+    def low_rank(self, x: torch.Tensor) -> torch.Tensor:
+        """``Mid (Down (dropout x))``: the rank-``rank_mid`` activations every output row is built from."""
+        return F.linear(F.linear(self.dropout(x).to(self.mid.dtype), self.down), self.mid)
+
+    def up_rows(self, rows: slice | None) -> torch.Tensor:
+        return self.up if rows is None else self.up[rows]
+
     def forward(self, x: torch.Tensor, rows: slice | None = None, strength: float = 1.0) -> torch.Tensor:
         """The adapter's contribution ``scale * Up[rows] (Mid (Down (dropout x)))`` for input ``x``."""
-        dtype = self.mid.dtype
-        h = F.linear(self.dropout(x).to(dtype), self.down)
-        h = F.linear(h, self.mid)
-        up = self.up if rows is None else self.up[rows]
-        return (self.scale * strength) * F.linear(h, up)
+        return (self.scale * strength) * F.linear(self.low_rank(x), self.up_rows(rows))
 
     def add_into(
         self, y: torch.Tensor, x: torch.Tensor, rows: slice | None = None, strength: float = 1.0
@@ -130,10 +133,12 @@ class IdentityHead(nn.Module):
         """
         if y.dtype != self.mid.dtype or torch.is_autocast_enabled(y.device.type):
             return y + self.forward(x, rows, strength).to(y.dtype)
-        h = F.linear(F.linear(self.dropout(x).to(self.mid.dtype), self.down), self.mid)
-        up = self.up if rows is None else self.up[rows]
+        h = self.low_rank(x)
         flat = torch.addmm(
-            y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), up.t(), alpha=self.scale * strength
+            y.reshape(-1, y.shape[-1]),
+            h.reshape(-1, h.shape[-1]),
+            self.up_rows(rows).t(),
+            alpha=self.scale * strength,
         )
         return flat.view(y.shape)
 
