@@ -10,9 +10,10 @@ import sys
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from ..errors import MetaLoRAError
+from ..faces.images import load_image
 from ..formats import load_lomd, save_identity
 from ..training.conditioning import encode_prompt, load_conditioning
 from ..training.data import (
@@ -50,14 +51,6 @@ def _face_box(text: str | None) -> tuple[float, float, float, float] | None:
     return x0, y0, x1, y1
 
 
-def _open_image(path: str) -> Image.Image:
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (FileNotFoundError, UnidentifiedImageError, OSError) as exc:
-        raise MetaLoRAError(f"{path}: not a readable image ({exc})") from None
-
-
 class _Bar:
     """tqdm progress bar on stderr (silent with --quiet)."""
 
@@ -82,7 +75,7 @@ def run(args) -> int:
         raise MetaLoRAError(
             f"{args.flux}: no VAE found; pass --vae with a diffusers AutoencoderKL folder (FLUX.1-dev's vae/)"
         )
-    photo = _open_image(args.image)
+    photo = Image.fromarray(load_image(args.image))  # EXIF rotation applied, as everywhere else
     lomd = load_lomd(args.lomd)
     device = torch.device(args.device)
     backend = DiffusersFluxBackend.from_path(parts.transformer, dtype=DTYPES[args.dtype], device=device)

@@ -13,7 +13,7 @@ Public API (stable; the ComfyUI nodes and the trainer call these):
 
 from .analysis import DEFAULT_DET_SIZES, Face, FaceAnalyzer, ImageFaces, select_face
 from .crops import FaceCrop, downsample_mask, expand_box, face_box, face_crop, loss_weights, soft_face_mask
-from .images import as_image_list, load_image, to_rgb_uint8
+from .images import as_image_list, image_size, load_image, to_rgb_uint8
 from .metrics import (
     COLLAPSE_FACE_DISTANCE,
     COLLAPSE_PIXEL_DISTANCE,
@@ -61,6 +61,7 @@ __all__ = [
     "facesim",
     "load_analyzer",
     "load_face_model",
+    "image_size",
     "load_image",
     "loss_weights",
     "pixel_diversity",

@@ -87,6 +87,26 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
         raise MetaLoRAError(f"{path}: not a readable image ({exc})") from None
 
 
+EXIF_ORIENTATION = 0x0112
+_TRANSPOSED = {5, 6, 7, 8}  # EXIF orientations that rotate by 90 degrees: width and height swap
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """``(width, height)`` as :func:`load_image` will return the picture (EXIF rotation applied), header only."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            width, height = im.size
+            rotated = im.getexif().get(EXIF_ORIENTATION) in _TRANSPOSED
+    except FileNotFoundError:
+        raise MetaLoRAError(f"{path}: no such image file") from None
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise MetaLoRAError(f"{path}: not a readable image ({exc})") from None
+    return (height, width) if rotated else (width, height)
+
+
 def list_images(folder: str | os.PathLike, what: str = "folder") -> list[Path]:
     """Image files of a folder (sorted, not recursive); an empty or missing folder is an error."""
     folder = Path(folder)

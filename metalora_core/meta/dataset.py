@@ -9,8 +9,6 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
-
 from ..errors import MetaLoRAError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -48,11 +46,13 @@ def _caption_beside(path: Path) -> str | None:
 
 
 def _size(path: Path, unreadable: list[str]) -> tuple[int, int] | None:
+    """The size the photo will be trained at (EXIF rotation applied, as the pixels are loaded)."""
+    from ..faces.images import image_size
+
     try:
-        with Image.open(path) as im:
-            return im.size
-    except (FileNotFoundError, UnidentifiedImageError, OSError) as exc:
-        unreadable.append(f"{path}: {exc}")
+        return image_size(path)
+    except MetaLoRAError as exc:
+        unreadable.append(str(exc))
         return None
 
 

@@ -114,3 +114,18 @@ def test_dataset_check_with_a_face_model_reports_faces_and_skipped_identities(tm
     assert report["identities"] == 1 and len(report["no_face_images"]) == 2
     assert main([*args, "--face-model", "missing"]) == 2
     assert "missing" in capsys.readouterr().err
+
+
+def test_exif_rotated_photo_is_bucketed_at_its_displayed_shape(tmp_path):
+    """A phone portrait stored landscape with EXIF orientation 6 must get a portrait bucket, as its pixels load."""
+    from metalora_core.faces import load_image
+
+    path = tmp_path / "carol" / "phone.jpg"
+    path.parent.mkdir(parents=True)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    Image.new("RGB", (80, 40), (10, 200, 10)).save(path, exif=exif)
+    data = load_identity_set(tmp_path)
+    height, width = load_image(path).shape[:2]
+    assert (width, height) == (40, 80)
+    assert data.items[0].size == (40, 80)

@@ -101,3 +101,18 @@ def test_personalize_from_a_pipeline_folder(kit, tmp_path, capsys):
     adapter = load_identity(out)
     assert adapter.training["caption"] == "ohwx person in the garden" and adapter.training["steps_done"] == 3
     assert (tmp_path / "p.loss.png").is_file()
+
+
+def test_personalize_trains_a_phone_photo_the_way_it_is_displayed(kit, tmp_path, capsys):
+    """Stored landscape with EXIF orientation 6 (a phone portrait): the bucket must be portrait."""
+    photo = tmp_path / "phone.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.open(kit / "photo.png").save(photo, exif=exif)  # stored 160 x 96, displayed 96 x 160
+    out = tmp_path / "phone.safetensors"
+    args = _args(kit, out, "--steps", "1", "--resolution", "256")
+    args[args.index("--image") + 1] = str(photo)
+    assert main(args) == 0
+    capsys.readouterr()
+    width, height = load_identity(out).training["bucket"]
+    assert height > width
