@@ -10,7 +10,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .errors import MetaLoRAError
-from .safeio import atomic_write_bytes
+from .safeio import atomic_write_bytes, load_tensors
 from .targets import (
     FluxDims,
     bfl_to_diffusers,
@@ -77,9 +77,7 @@ def load_diffusers_flux(
         folder = path / "transformer" if (path / "transformer" / "config.json").is_file() else path
         model = FluxTransformer2DModel.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True)
         return model.to(device), dims
-    from safetensors.torch import load_file
-
-    sd = load_file(str(path))
+    sd, _ = load_tensors(path)
     if layout == "bfl":
         sd = bfl_to_diffusers(sd, str(path))
     with torch.device("meta"):

@@ -198,3 +198,13 @@ def test_atomic_save_keeps_the_old_file_when_writing_fails(assets, tmp_path, mon
         save_lomd(target, changed)
     assert target.read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["lomd.safetensors"], "no temporary file may be left behind"
+
+
+def test_truncated_flux_checkpoint_is_named_not_a_traceback(assets, tmp_path):
+    from metalora_core.flux_model import load_diffusers_flux
+
+    data = open(assets["bfl"], "rb").read()
+    path = tmp_path / "flux_cut.safetensors"
+    path.write_bytes(data[: len(data) - 1000])  # header intact, tensor data short
+    with pytest.raises(MetaLoRAError, match="flux_cut.safetensors.*not a readable safetensors"):
+        load_diffusers_flux(path)
