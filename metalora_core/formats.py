@@ -340,6 +340,22 @@ def check_lomd_fits(lomd: LoMD, shapes: Mapping[str, tuple[int, int]], model_nam
             )
 
 
+def check_identity_fits(
+    adapter: IdentityAdapter, shapes: Mapping[str, tuple[int, int]], model_name: str = "the model"
+) -> None:
+    """Check every Up against the model's fused ``(out, in)`` shapes; the message names layer and shapes."""
+    for name in adapter.targets:
+        if name not in shapes:
+            raise MetaLoRAError(f"identity {adapter.source}: layer '{name}' does not exist in {model_name}")
+        out_f, in_f = shapes[name]
+        if adapter.ups[name].shape[0] != out_f:
+            raise MetaLoRAError(
+                f"identity {adapter.source} does not fit {model_name}: layer '{name}' has Up "
+                f"{tuple(adapter.ups[name].shape)} (output {adapter.ups[name].shape[0]}) but the model's weight "
+                f"is ({out_f}, {in_f}) (output {out_f}). The identity was trained on a FLUX of another size"
+            )
+
+
 # --- standard LoRA export ------------------------------------------------------------------------------
 
 

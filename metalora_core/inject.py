@@ -16,7 +16,7 @@ from torch import nn
 from .adapter import BypassLinear, IdentityHead
 from .errors import MetaLoRAError
 from .flux_model import fused_shapes
-from .formats import IdentityAdapter, LoMD, check_lomd_fits, check_pair
+from .formats import IdentityAdapter, LoMD, check_identity_fits, check_lomd_fits, check_pair
 from .targets import FluxDims, diffusers_pieces
 
 
@@ -45,6 +45,7 @@ def make_heads(
     check_lomd_fits(lomd, shapes)
     if adapter is not None:
         check_pair(lomd, adapter, force=force)
+        check_identity_fits(adapter, shapes)
     shape = (
         adapter.shape
         if adapter is not None

@@ -10,8 +10,7 @@ from collections.abc import Mapping
 
 import torch
 
-from ..metalora_core.errors import MetaLoRAError
-from ..metalora_core.formats import IdentityAdapter, LoMD, check_lomd_fits, check_pair
+from ..metalora_core.formats import IdentityAdapter, LoMD, check_identity_fits, check_lomd_fits, check_pair
 
 PREFIX = "diffusion_model."
 
@@ -39,14 +38,7 @@ def check_fits(
     """LoMD and identity belong together and every layer fits the model (message names layer and shapes)."""
     check_pair(lomd, adapter, force=force)
     check_lomd_fits(lomd, shapes, model_name)
-    for name in adapter.targets:
-        out_f, in_f = shapes[name]
-        if adapter.ups[name].shape[0] != out_f:
-            raise MetaLoRAError(
-                f"identity {adapter.source} does not fit {model_name}: layer '{name}' has Up "
-                f"{tuple(adapter.ups[name].shape)} (output {adapter.ups[name].shape[0]}) but the model's weight "
-                f"is ({out_f}, {in_f}) (output {out_f}). The identity was trained on a FLUX of another size"
-            )
+    check_identity_fits(adapter, shapes, model_name)
 
 
 def patch_tensors(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -208,3 +209,19 @@ def test_truncated_flux_checkpoint_is_named_not_a_traceback(assets, tmp_path):
     path.write_bytes(data[: len(data) - 1000])  # header intact, tensor data short
     with pytest.raises(MetaLoRAError, match="flux_cut.safetensors.*not a readable safetensors"):
         load_diffusers_flux(path)
+
+
+def test_identity_from_another_model_size_names_layer_and_shapes(assets):
+    """Both paths (ComfyUI patch plan, standalone heads) refuse an Up that does not fit, naming the layer."""
+    from metalora_core.formats import check_identity_fits
+    from metalora_core.inject import make_heads
+
+    lomd, adapter = load_lomd(assets["lomd"]), load_identity(assets["adapter"])
+    dims, _ = read_flux_dims(assets["bfl"])
+    name = "double_blocks.0.img_attn.qkv"
+    adapter.ups[name] = torch.zeros(385, adapter.shape.rank_mid)
+    message = rf"layer '{re.escape(name)}' has Up \(385, 8\).*\(384, 128\).*another size"
+    with pytest.raises(MetaLoRAError, match=message):
+        check_identity_fits(adapter, fused_shapes(dims), "flux1-dev.safetensors")
+    with pytest.raises(MetaLoRAError, match=message):
+        make_heads(dims, lomd, adapter, force=True)
