@@ -12,6 +12,8 @@ from collections.abc import Callable
 
 import torch
 
+from ..metalora_core.adapter import delta_weight
+
 Cast = Callable[[torch.Tensor, torch.device, torch.dtype], torch.Tensor]
 
 
@@ -30,8 +32,7 @@ def identity_delta(
 ) -> torch.Tensor:
     """``factor * Up @ Mid @ Down`` (``factor = strength * scale``) computed in ``dtype`` on ``device``."""
     device = torch.device(device)
-    u, m, d = (cast(t, device, dtype) for t in (up, mid, down))
-    return (u @ m).mul_(factor) @ d
+    return delta_weight(*(cast(t, device, dtype) for t in (down, mid, up)), factor)
 
 
 def add_identity_delta(
