@@ -15,7 +15,7 @@ import torch
 
 from ...metalora_core.errors import MetaLoRAError
 from ...metalora_core.targets import FluxDims
-from ...metalora_core.training.data import AugmentConfig, face_loss_weights, make_views
+from ...metalora_core.training.data import AugmentConfig, crop_window, face_loss_weights, make_views
 from ...metalora_core.training.protocol import Progress, TextConditioning
 
 PROGRESS_EVENT = "metalora.train_progress"
@@ -117,19 +117,12 @@ def square_crop(
     """The largest square of ``photo`` (centred on the face if given), for training without buckets."""
     h, w = photo.shape[:2]
     side = min(h, w)
-    cx, cy = (
-        (w / 2, h / 2)
-        if face_box is None
-        else ((face_box[0] + face_box[2]) / 2, (face_box[1] + face_box[3]) / 2)
-    )
-    left = int(min(max(round(cx - side / 2), 0), w - side))
-    top = int(min(max(round(cy - side / 2), 0), h - side))
-    box = (
-        None
-        if face_box is None
-        else (face_box[0] - left, face_box[1] - top, face_box[2] - left, face_box[3] - top)
-    )
-    return photo[top : top + side, left : left + side], box
+    x, y, _, _ = crop_window(w, h, 1.0, 1.0, face_box, None)
+    x0, y0 = int(round(x)), int(round(y))  # round the corner only: the side stays exactly min(h, w)
+    if face_box is None:
+        return photo[y0 : y0 + side, x0 : x0 + side], None
+    box = (face_box[0] - x0, face_box[1] - y0, face_box[2] - x0, face_box[3] - y0)
+    return photo[y0 : y0 + side, x0 : x0 + side], box
 
 
 def training_views(
