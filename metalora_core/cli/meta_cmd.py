@@ -28,7 +28,7 @@ from ..training.data import photo_bucket
 from ..training.diffusers_backend import DiffusersFluxBackend
 from ..training.schedules import SCHEDULES
 from ..training.standalone import find_parts, load_vae, vae_encoder
-from .personalize_cmd import DTYPES, _Bar, add_run_options
+from .personalize_cmd import DTYPES, ProgressBar, add_run_options
 
 # options whose argparse dest is a MetaConfig field of the same name
 CONFIG_ARGS = (
@@ -137,7 +137,7 @@ def _meta_train(args, ctx: DistContext, device: torch.device) -> int:
             row = check.run(backend, trainer.lomd(), step)
             print(json.dumps({k: v for k, v in row.items() if k != "per_identity"}), flush=True)
 
-    bar = _Bar(config.steps, args.quiet or not ctx.is_main)
+    bar = ProgressBar(config.steps, args.quiet or not ctx.is_main)
     try:
         result = trainer.train(on_progress=bar, every=every)
     finally:

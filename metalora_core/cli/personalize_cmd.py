@@ -51,8 +51,8 @@ def _face_box(text: str | None) -> tuple[float, float, float, float] | None:
     return x0, y0, x1, y1
 
 
-class _Bar:
-    """tqdm progress bar on stderr (silent with --quiet)."""
+class ProgressBar:
+    """tqdm progress bar on stderr (silent with --quiet); shared by every training command."""
 
     def __init__(self, total: int, quiet: bool) -> None:
         from tqdm import tqdm
@@ -119,7 +119,7 @@ def run(args) -> int:
             "flux": Path(args.flux).name,
         },
     )
-    bar = _Bar(config.steps, args.quiet)
+    bar = ProgressBar(config.steps, args.quiet)
     try:
         result = personalize(backend, lomd, latents, cond, config, on_progress=bar, weights=weights)
     except TrainingDiverged as exc:
