@@ -19,17 +19,8 @@ from ..formats import PROVENANCE_KEY, SOURCE_KEY, LoMD
 from ..targets import DEFAULT_PRESET, FluxDims, resolve_targets
 
 # FLUX.1 [dev] / [schnell] sizes, so a seeded LoMD needs no 24 GB checkpoint on disk (`--model FLUX`).
-FLUX1_DIMS = FluxDims(
-    hidden=3072,
-    mlp_hidden=12288,
-    depth=19,
-    depth_single=38,
-    in_channels=16,
-    context_dim=4096,
-    vec_dim=768,
-    guidance=True,
-    out_channels=16,
-)
+# hidden, mlp_hidden, double blocks, single blocks, latent channels, T5 width, CLIP width, guidance, out
+FLUX1_DIMS = FluxDims(3072, 12288, 19, 38, 16, 4096, 768, True, 16)
 KNOWN_MODELS = {"flux": FLUX1_DIMS, "flux1": FLUX1_DIMS, "flux1-dev": FLUX1_DIMS, "flux1-schnell": FLUX1_DIMS}
 
 
