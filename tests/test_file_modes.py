@@ -45,7 +45,9 @@ def test_replacing_a_file_keeps_its_mode(tmp_path):
 
 def test_every_cli_file_is_readable_by_others_under_umask_022(tmp_path, capsys):
     """The files a user hands to ComfyUI: a LoMD, an identity and the exported LoRA."""
-    flux, lomd, ident = (str(tmp_path / n) for n in ("flux.safetensors", "lomd.safetensors", "id.safetensors"))
+    flux, lomd, ident = (
+        str(tmp_path / n) for n in ("flux.safetensors", "lomd.safetensors", "id.safetensors")
+    )
     lora = str(tmp_path / "loras" / "me.safetensors")
     with umask(0o022):
         assert main(["dev", "tiny-flux", "--out", flux]) == 0
