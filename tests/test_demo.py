@@ -26,10 +26,13 @@ def demo(tmp_path_factory):
 
 def test_demo_runs_every_stage_and_writes_the_report(demo):
     out, report = demo
-    assert [t["name"].split(":")[0] for t in report["timings"]][:2] == ["models", "LoMD"]
+    names = [t["name"].split(":")[0] for t in report["timings"]]
+    assert names[0] == "models" and names[2] == "LoMD" and names[-1].startswith("exporting")
     assert len(report["timings"]) == 9 and all(t["cpu_s"] >= 0 for t in report["timings"])
     methods = report["methods"]
+    assert list(report["lomds"]) == ["meta-trained", "distilled", "seeded"]
     meta, lora = methods["Meta-LoRA (meta-trained LoMD)"], methods["plain LoRA (rank 16)"]
+    assert methods["Meta-LoRA (seeded LoMD)"]["first_loss"] == pytest.approx(meta["first_loss"], rel=1e-6)
     assert len(meta["losses"]) == len(lora["losses"]) == 8
     assert meta["first_loss"] == pytest.approx(lora["first_loss"], rel=1e-6)  # paired draws, untouched model
     assert meta["losses"] != lora["losses"]
@@ -79,7 +82,12 @@ def test_the_real_weights_path_takes_given_files(demo, tmp_path, capsys):
     assert list(report["methods"]) == ["Meta-LoRA (given LoMD)"] and "skipped" in report["scores"]
     capsys.readouterr()
     assert main(["demo", "--out", str(tmp_path / "x"), "--flux", str(models / "tiny_flux.safetensors")]) == 2
-    assert "--lomd" in capsys.readouterr().err
+    assert "--image" in capsys.readouterr().err
+    no_lomd = [a for a in args if a not in ("--lomd", str(out / "lomd_meta_trained.safetensors"))]
+    no_lomd[no_lomd.index("--out") + 1] = str(tmp_path / "seeded")
+    assert main(no_lomd) == 0  # no LoMD given: the seeded one, said to have no prior
+    report = json.loads((tmp_path / "seeded" / "report.json").read_text())
+    assert list(report["lomds"]) == ["seeded"] and "no prior" in report["lomds"]["seeded"]["source"]
 
 
 def test_flux_schedule_runs_from_noise_to_image_and_shifts_like_flux():

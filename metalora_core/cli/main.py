@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "score_cmd",
     "personalize_cmd",
     "meta_cmd",
+    "lomd_cmd",
 )
 EXIT_USER_ERROR = 2
 

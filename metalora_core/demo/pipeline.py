@@ -8,12 +8,9 @@ bit for bit; the meta-training and export stages run the CLI commands themselves
 
 from __future__ import annotations
 
-import io
 import json
 import shlex
 import shutil
-import sys
-from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +18,8 @@ import torch
 from PIL import Image
 
 from ..errors import MetaLoRAError
+from .commands import cli as _cli
+from .lomds import lomd_stage_title, make_lomds
 from .stages import Stages
 
 TINY = {"steps": 120, "resolution": 128, "sample_steps": 12, "meta_steps": 60}
@@ -76,25 +75,6 @@ class DemoRun:
     environment: dict = field(default_factory=dict)
 
 
-def _cli(args: list[str], run: DemoRun, record: bool = True) -> dict:
-    """Run a ``metalora`` command in-process; its JSON line is returned and the command recorded."""
-    from ..cli.main import main
-
-    buffer, errors = io.StringIO(), io.StringIO()
-    with redirect_stdout(buffer), redirect_stderr(errors):
-        code = main(args)
-    for line in errors.getvalue().splitlines():  # status lines and warnings, indented under the stage
-        if "error:" not in line:
-            print(f"      {line}", file=sys.stderr)
-    if code != 0:
-        reason = next((ln for ln in errors.getvalue().splitlines() if "error:" in ln), f"exit {code}")
-        raise MetaLoRAError(f"{reason} (in `metalora {shlex.join(args)}`)")
-    if record:
-        run.commands.append("metalora " + shlex.join(args))
-    lines = [line for line in buffer.getvalue().splitlines() if line.startswith("{")]
-    return json.loads(lines[-1]) if lines else {}
-
-
 def _last_quarter(losses: list[float]) -> float:
     tail = losses[-max(1, len(losses) // 4) :]
     return sum(tail) / len(tail)
@@ -108,11 +88,6 @@ def run_demo(opt: DemoOptions) -> DemoRun:
     steps, resolution = opt.setting("steps"), opt.setting("resolution")
     preflight.at_least(1, steps=steps, images=opt.images, sample_steps=opt.setting("sample_steps"))
     preflight.resolution(resolution)
-    if not opt.tiny and not opt.lomd:
-        raise MetaLoRAError(
-            "with --flux give --lomd too (a LoMD file; without one, meta-train one with `metalora "
-            "meta-train` or see the README's 'Which LoMD' section)"
-        )
     if not opt.tiny and not opt.image:
         raise MetaLoRAError("with --flux give --image: the photo of the person to personalize")
     out.mkdir(parents=True, exist_ok=True)
@@ -141,17 +116,10 @@ def _run(opt: DemoOptions, out: Path) -> DemoRun:
         )
     ):
         kit = _models(opt, out, run)
-    with stages.run(
-        "LoMD: "
-        + (
-            "meta-training a tiny LoMD on drawn identities"
-            if opt.tiny and not opt.lomd
-            else "using the given LoMD"
-        )
-    ):
-        _lomds(opt, kit, out, run, stages)
     with stages.run(f"loading FLUX from {kit['flux']} and the VAE"):
         backend, vae, cond = _load(opt, kit)
+    with stages.run("LoMD: " + lomd_stage_title(opt)):
+        make_lomds(opt, kit, backend, vae, cond, out, run, stages)
     with stages.run(f"photo: making and encoding the training views at {resolution} px"):
         photo, latents, bucket = _views(opt, kit, out, vae, run)
     with stages.run(f"personalizing with Meta-LoRA ({steps} steps per LoMD)"):
@@ -209,34 +177,6 @@ def _models(opt: DemoOptions, out: Path, run: DemoRun) -> dict:
         "text_encoders": str(parts.text_encoders) if parts.text_encoders else None,
         "face_root": opt.insightface_root, "face_model": opt.face_model, "pipeline": opt.flux,
     }  # fmt: skip
-
-
-def _lomds(opt: DemoOptions, kit: dict, out: Path, run: DemoRun, stages: Stages) -> None:
-    if opt.lomd:
-        run.lomds["given"] = {"file": opt.lomd, "source": "given with --lomd"}
-        kit["lomds"] = {"given": opt.lomd}
-        return
-    path = out / "lomd_meta_trained.safetensors"
-    meta_steps = opt.setting("meta_steps")
-    summary = _cli(
-        [
-            "meta-train", "--flux", kit["flux"], "--vae", kit["vae"], "--conditioning", kit["conditioning"],
-            "--data", kit["identities"], "--out", str(path), "--resolution", "128", "--identities-per-batch", "2",
-            "--steps", str(meta_steps), "--lr", "1e-3", "--lr-heads", "4e-3", "--warmup", "10",
-            "--seed", str(opt.seed), "--device", opt.device, "--quiet",
-        ],
-        run,
-    )  # fmt: skip
-    stages.note(
-        f"meta-trained over {summary.get('identities')} drawn identities: loss {summary.get('first_loss'):.4f} "
-        f"-> {summary.get('final_loss'):.4f} in {meta_steps} steps"
-    )
-    run.lomds["meta-trained"] = {
-        "file": str(path),
-        "source": f"meta-trained (stage 1) on {summary.get('identities')} drawn identities, {meta_steps} steps",
-        "summary": summary,
-    }
-    kit["lomds"] = {"meta-trained": str(path)}
 
 
 def _load(opt: DemoOptions, kit: dict):
