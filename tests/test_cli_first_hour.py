@@ -19,34 +19,21 @@ from metalora_core.cli.main import all_parsers, build_parser, main
 from metalora_core.dev.tiny_faces import paint_markers, write_tiny_face_models
 from metalora_core.errors import MetaLoRAError
 from metalora_core.formats import load_identity
+from tests.personalize_kit import personalize_args, write_kit
 
 
 @pytest.fixture(scope="module")
 def kit(tmp_path_factory):
-    root = tmp_path_factory.mktemp("firsthour")
-    flux = str(root / "flux.safetensors")
-    assert main(["dev", "tiny-flux", "--out", flux]) == 0
-    assert main(["dev", "random-lomd", "--model", flux, "--out", str(root / "lomd.safetensors")]) == 0
-    assert main(["dev", "tiny-vae", "--out", str(root / "vae")]) == 0
-    assert main(["dev", "random-conditioning", "--model", flux, "--out", str(root / "cond.safetensors")]) == 0
-    rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 255, (128, 128, 3), dtype=np.uint8)).save(root / "photo.png")
+    root = write_kit(tmp_path_factory.mktemp("firsthour"), (128, 128))
+    rng = np.random.default_rng(1)
     Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(root / "tiny.png")
     return root
 
 
 def _args(root, out, *extra):
-    return [
-        "personalize",
-        "--flux", str(root / "flux.safetensors"),
-        "--lomd", str(root / "lomd.safetensors"),
-        "--image", str(root / "photo.png"),
-        "--vae", str(root / "vae"),
-        "--conditioning", str(root / "cond.safetensors"),
-        "--out", str(out),
-        "--steps", "2", "--resolution", "128", "--views", "2", "--quiet",
-        *extra,
-    ]  # fmt: skip
+    return personalize_args(
+        root, out, "--steps", "2", "--resolution", "128", "--views", "2", "--quiet", *extra
+    )
 
 
 @pytest.fixture
