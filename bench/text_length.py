@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     print("|---|---|---|---|")
     for n in lengths:
         med = statistics.median(cpu[n])
-        print(f"| {n} | {args.image_tokens + n} | {med:.2f} | {med / base:.3f} |")
+        print(f"| {n} | {args.image_tokens + n} | {med:.3f} | {med / base:.3f} |")
     if 512 in cpu and 256 in cpu:
         print(f"ratio text512_over_text256 {statistics.median(cpu[512]) / statistics.median(cpu[256]):.3f}")
     return 0

@@ -101,9 +101,10 @@ def _distilled(opt, kit: dict, backend, vae, cond, out: Path, run, stages) -> No
          str(opt.seed), "--quiet"],
         run,
     )  # fmt: skip
-    kept = summary.get("energy_kept_mean")
+    kept = summary.get("energy_kept_mean") or 0.0
     stages.note(
-        f"distilled from {summary.get('loras_used')} plain LoRAs of drawn identities (energy kept {kept})"
+        f"distilled from {summary.get('loras_used')} plain LoRAs of drawn identities "
+        f"(mean share of their delta energy the Down keeps: {kept:.1%})"
     )
     source = (
         f"distilled from {summary.get('loras_used')} plain rank-4 LoRAs ({DISTILL_STEPS} steps each) of drawn "

@@ -68,7 +68,8 @@ def loss_svg(curves: dict[str, list[float]], width: int = 720, height: int = 300
         )
         parts.append(f'<polyline points="{smooth}" fill="none" stroke="{colour}" stroke-width="2.5"/>')
         parts.append(
-            f'<text x="{pad_l + 8}" y="{pad_t + 16 + 15 * k}" font-size="12" fill="{colour}">{html.escape(name)}</text>'
+            f'<text x="{width - pad_r - 8}" y="{pad_t + 16 + 15 * k}" font-size="12" fill="{colour}" '
+            f'text-anchor="end">{html.escape(name)}</text>'
         )
     parts.append("</svg>")
     return "".join(parts)
@@ -147,8 +148,8 @@ def render_html(run: DemoRun, out: Path, tiny: bool) -> str:
     s.append("</div><div>")
     changes = run.images.get("pixel_change", [])
     for i, rel in enumerate(run.images.get("identity", [])):
-        change = f" (differs by {changes[i]:.3f})" if i < len(changes) else ""
-        s.append(_img(out, rel, f"with the identity, seed {i}{change}"))
+        change = f", differs {changes[i]:.3f}" if i < len(changes) else ""
+        s.append(_img(out, rel, f"identity, seed {i}{change}"))
     s.append(
         "</div><p>Same seeds with and without the identity; the number is the mean absolute pixel difference "
         "(0 to 1) from the base image of the same seed.</p>"
