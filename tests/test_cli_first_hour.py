@@ -301,3 +301,31 @@ def test_face_model_listing_names_model_folders_not_containers(tmp_path):
     with pytest.raises(MetaLoRAError, match="Model folders found there: tiny\\.") as info:
         validate_model(models, "antelopev2")
     assert "insightface," not in str(info.value)
+
+
+def test_everything_but_the_face_features_imports_without_insightface():
+    """insightface is the most common failed install: the library, the CLI and the demo must still load."""
+    import subprocess
+
+    code = (
+        "import sys\n"
+        "for m in ('insightface', 'onnx', 'onnxruntime'): sys.modules[m] = None\n"
+        "import metalora_core.faces, metalora_core.cli.main, metalora_core.demo, metalora_core.training.personalize\n"
+        "from metalora_core.faces.models import require_face_packages\n"
+        "try:\n    require_face_packages()\nexcept Exception as exc:\n    print(type(exc).__name__, exc)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("MetaLoRAError the face features need insightface, onnx, onnxruntime")
+
+
+def test_meta_train_allows_lr_0_and_checks_init_lomd(kit, tmp_path, capsys, no_model_load):
+    base = [
+        "meta-train", "--flux", str(kit / "flux.safetensors"), "--data", str(tmp_path),
+        "--conditioning", str(kit / "cond.safetensors"), "--vae", str(kit / "vae"),
+        "--out", str(tmp_path / "l.safetensors"),
+    ]  # fmt: skip
+    assert main([*base, "--lr", "0"]) == 2  # a frozen Down is allowed: what stops it is the empty data folder
+    assert "--lr" not in _one_line_error(capsys, "no identities with images")
+    assert main([*base, "--init-lomd", str(tmp_path / "nope.safetensors")]) == 2
+    _one_line_error(capsys, "--init-lomd", "no such file")

@@ -106,7 +106,9 @@ def _check(args) -> Path:
     preflight.at_least(1, rank_mid=args.rank_mid, holdout_every=args.holdout_every)
     preflight.at_least(1, holdout_steps=args.holdout_steps)
     preflight.at_least(0, weight_decay=args.weight_decay, holdout=args.holdout)
-    preflight.positive(lr=args.lr, lr_heads=args.lr_heads, alpha=args.alpha)
+    preflight.at_least(0, lr=args.lr)  # 0 keeps the Down fixed (e.g. an --init-lomd) and trains heads only
+    preflight.positive(lr_heads=args.lr_heads, alpha=args.alpha)
+    preflight.existing(args.init_lomd, "--init-lomd", "file")
     preflight.existing(args.flux, "--flux")
     preflight.existing(args.vae, "--vae", "dir")
     preflight.existing(args.conditioning, "--conditioning", "file")
