@@ -58,7 +58,8 @@ def existing(path: str | None, flag: str, kind: str = "any") -> None:
 
 
 def output_file(path: str | os.PathLike, flag: str = "--out") -> Path:
-    """``path`` can be written as a file: not a folder, and its folder exists or can be made, writable."""
+    """``path`` can be written as a file: not a folder, and its folder exists or can be made, writable
+    (saves write a temporary file there and rename it, so the folder's permission is what counts)."""
     p = Path(path).expanduser()
     if p.is_dir():
         raise MetaLoRAError(f"{flag} {path}: is a folder; give a file name, e.g. {p / 'me.safetensors'}")
@@ -67,8 +68,6 @@ def output_file(path: str | os.PathLike, flag: str = "--out") -> Path:
         raise MetaLoRAError(f"{flag} {path}: {folder} is a file, so no folder can be made there")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise MetaLoRAError(f"{flag} {path}: folder {folder} is not writable; choose another place")
-    if p.exists() and not os.access(p, os.W_OK) and not os.access(p.parent, os.W_OK):
-        raise MetaLoRAError(f"{flag} {path}: the existing file cannot be replaced (no permission)")
     return p
 
 
