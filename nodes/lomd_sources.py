@@ -240,7 +240,7 @@ def report_text(report, names: list[str], paths: list[str]) -> str:
             f"({w['lora']}, {w['layer']})"
         )
     for path, reason in report.skipped:
-        lines.append(f"skipped {by_path.get(path, path)}: {reason.split(str(path))[-1].lstrip(': ')}")
+        lines.append(f"skipped {by_path.get(path, path)}: {reason}")
     if report.uncovered:
         lines.append(f"{len(report.uncovered)} layers no LoRA covers got a seeded Down: {', '.join(report.uncovered[:6])}"
                      + (" ..." if len(report.uncovered) > 6 else ""))  # fmt: skip

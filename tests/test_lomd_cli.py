@@ -71,3 +71,16 @@ def test_distill_with_nothing_usable_exits_2(tmp_path, capsys):
     )
     assert "no usable LoRA" in capsys.readouterr().err
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_inspect_shows_the_lomd_source_of_an_identity(assets, tmp_path, capsys):
+    from metalora_core.adapter import AdapterShape
+    from metalora_core.dev.tiny_flux import TINY_DIMS as D
+    from metalora_core.formats import save_identity
+    from metalora_core.inject import heads_to_adapter, make_heads
+    from metalora_core.lomd.seeded import seeded_lomd
+
+    lomd = seeded_lomd(D, AdapterShape(4, 8), "attn")
+    adapter = heads_to_adapter(make_heads(D, lomd), lomd, D)
+    info = _inspect(save_identity(tmp_path / "id.safetensors", adapter), capsys)
+    assert info["kind"] == "identity" and info["lomd_source"] == "seeded" and "NO prior" in info["lomd_note"]

@@ -189,6 +189,8 @@ def test_seeded_lomd_is_orthonormal_deterministic_and_labelled(tmp_path):
     again = seeded_lomd(D, AdapterShape(4, 8), "attn_mlp", seed=3)
     assert lomd.fingerprint == again.fingerprint
     assert seeded_lomd(D, AdapterShape(4, 8), "attn_mlp", seed=4).fingerprint != lomd.fingerprint
+    same_width = lomd.downs["double_blocks.0.img_attn.qkv"], lomd.downs["double_blocks.0.img_attn.proj"]
+    assert not torch.equal(*same_width)  # every layer has its own draw, not one per width
     attn = seeded_lomd(D, AdapterShape(4, 8), "attn", seed=3)
     assert all(torch.equal(attn.downs[n], lomd.downs[n]) for n in attn.targets)  # per-layer seeding
     back = load_lomd(save_lomd(tmp_path / "s.safetensors", lomd))

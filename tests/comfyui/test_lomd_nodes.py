@@ -10,7 +10,7 @@ import torch
 from metalora_core.dev.synthetic_loras import random_fused_lora, write_lora
 from metalora_core.dev.tiny_flux import TINY_DIMS
 from metalora_core.formats import load_identity, load_lomd
-from tests.comfyui.graphs import probe, probe_output
+from tests.comfyui.graphs import apply, loaders, probe, probe_output
 from tests.comfyui.harness import node
 from tests.comfyui.test_train_identity import train
 
@@ -91,5 +91,14 @@ def test_distill_node_saves_a_lomd_that_trains(comfy, comfy_base):
     assert "from 3 of 4 LoRAs" in report and "broken.safetensors" in report
     lomd = load_lomd(comfy_base / "models" / "metalora" / f"{name}_lomd.safetensors")
     assert lomd.origin == "distilled"
+    shown = comfy.run(
+        {
+            **loaders(lomd=f"{name}_lomd.safetensors", identity=f"{name}.safetensors"),
+            "apply": apply(["unet", 0], 1.0),
+            "p": probe(["apply", 0], f"loaded_{name}"),
+        }
+    )
+    assert shown.status == "success", shown.error
+    assert "distilled from person LoRAs" in "\n".join(shown.outputs["lomd"]["text"])
     identity = load_identity(comfy_base / "models" / "metalora" / f"{name}.safetensors")
     assert identity.lomd_origin == "distilled" and identity.lomd_fingerprint == lomd.fingerprint
