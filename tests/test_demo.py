@@ -83,6 +83,9 @@ def test_the_real_weights_path_takes_given_files(demo, tmp_path, capsys):
     capsys.readouterr()
     assert main(["demo", "--out", str(tmp_path / "x"), "--flux", str(models / "tiny_flux.safetensors")]) == 2
     assert "--image" in capsys.readouterr().err
+    bad = [*args[:2], str(tmp_path / "y"), *args[3:]]
+    bad[bad.index("--lomd") + 1] = str(tmp_path / "missing.safetensors")
+    assert main(bad) == 2 and "--lomd" in capsys.readouterr().err and not (tmp_path / "y").exists()
     no_lomd = [a for a in args if a not in ("--lomd", str(out / "lomd_meta_trained.safetensors"))]
     no_lomd[no_lomd.index("--out") + 1] = str(tmp_path / "seeded")
     assert main(no_lomd) == 0  # no LoMD given: the seeded one, said to have no prior
