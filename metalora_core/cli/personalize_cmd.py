@@ -101,14 +101,13 @@ def _check(args) -> Path:
     preflight.at_least(1, views=args.views, batch_size=args.batch_size, rank_mid=args.rank_mid)
     preflight.at_least(0, augment=args.augment)
     preflight.positive(lr=args.lr, lr_mid=args.lr_mid, lr_up=args.lr_up, face_weight=args.face_weight)
-    for flag, path, kind in (
+    preflight.inputs(
         ("--flux", args.flux, "any"),
         ("--lomd", args.lomd, "file"),
         ("--image", args.image, "file"),
         ("--vae", args.vae, "dir"),
         ("--conditioning", args.conditioning, "file"),
-    ):
-        preflight.existing(path, flag, kind)
+    )
     _face_box(args.face_box)
     if args.face_box and args.face_model:
         raise MetaLoRAError("--face-box and --face-model both locate the face; give one of them")

@@ -57,6 +57,12 @@ def existing(path: str | None, flag: str, kind: str = "any") -> None:
         raise MetaLoRAError(f"{flag} {path}: is a file; give a folder")
 
 
+def inputs(*checks: tuple[str, str | None, str]) -> None:
+    """:func:`existing` for each ``(flag, path, kind)``: every input named on the command line, in order."""
+    for flag, path, kind in checks:
+        existing(path, flag, kind)
+
+
 def output_file(path: str | os.PathLike, flag: str = "--out") -> Path:
     """``path`` can be written as a file: not a folder, and its folder exists or can be made, writable
     (saves write a temporary file there and rename it, so the folder's permission is what counts)."""

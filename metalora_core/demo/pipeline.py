@@ -90,15 +90,14 @@ def run_demo(opt: DemoOptions) -> DemoRun:
     preflight.resolution(resolution)
     if not opt.tiny and not opt.image:
         raise MetaLoRAError("with --flux give --image: the photo of the person to personalize")
-    for flag, path, kind in (
+    preflight.inputs(
         ("--flux", opt.flux, "any"),
         ("--vae", opt.vae, "dir"),
         ("--conditioning", opt.conditioning, "file"),
         ("--lomd", opt.lomd, "file"),
         ("--image", opt.image, "file"),
         ("--references", opt.references, "dir"),
-    ):
-        preflight.existing(path, flag, kind)
+    )
     from ..cli.personalize_cmd import device
 
     device(opt.device)
