@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,14 +17,45 @@ from safetensors.torch import save_file
 from .errors import MetaLoRAError
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS shows it (Linux), else set-and-restore."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _final_mode(path: Path) -> int:
+    """What ``open()`` would give a new file (0666 minus the umask), or the mode of the file replaced.
+
+    Why: ``mkstemp`` creates its file 0600 whatever the umask, so without this every saved LoMD, identity
+    or exported LoRA would be unreadable to a ComfyUI running as another user or in a container.
+    """
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return 0o666 & ~current_umask()
+
+
 def atomic_write_bytes(path: str | os.PathLike, write) -> Path:
-    """Call ``write(tmp_path)`` then fsync and rename over ``path``: readers never see half a file."""
+    """Call ``write(tmp_path)`` then fsync and rename over ``path``: readers never see half a file.
+
+    The file gets the mode a plain ``open()`` would give it (the umask is honoured), or keeps the mode of the
+    file it replaces.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, _final_mode(path))
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)

@@ -7,6 +7,7 @@ import json
 from ..errors import MetaLoRAError
 from ..formats import check_pair, export_lora, load_identity, load_lomd
 from ..targets import FluxDims
+from . import preflight
 
 
 def dims_for_export(lomd, adapter, model: str | None) -> FluxDims:
@@ -31,11 +32,19 @@ def dims_for_export(lomd, adapter, model: str | None) -> FluxDims:
 
 
 def run(args) -> int:
+    preflight.output_file(args.out)
+    chosen = args.format is not None
+    args.format = args.format or "kohya"
     lomd = load_lomd(args.lomd)
     adapter = load_identity(args.adapter)
     check_pair(lomd, adapter, force=args.force)
     dims = dims_for_export(lomd, adapter, args.model)
     path = export_lora(args.out, lomd, adapter, dims, args.format, args.strength)
+    if not chosen:  # say which format a bare command wrote, instead of choosing silently
+        preflight.say(
+            "metalora export: wrote the kohya format (ComfyUI's Load LoRA, kohya tools); "
+            "--format diffusers writes diffusers / peft names"
+        )
     print(
         json.dumps(
             {
@@ -56,8 +65,8 @@ def register(sub) -> None:
     p.add_argument(
         "--format",
         choices=["kohya", "diffusers"],
-        default="kohya",
-        help="kohya: lora_unet_* names for ComfyUI LoraLoader and kohya tools; diffusers: transformer.*.lora_A/B",
+        help="kohya (the default): lora_unet_* names for ComfyUI's Load LoRA and kohya tools; "
+        "diffusers: transformer.*.lora_A/B for diffusers' load_lora_weights",
     )
     p.add_argument("--out", required=True, help="output .safetensors path")
     p.add_argument(

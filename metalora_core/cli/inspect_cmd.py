@@ -8,6 +8,8 @@ import os
 from ..flux_model import read_flux_dims
 from ..formats import PROVENANCE_KEY, detect_kind, identity_from_tensors, lomd_from_tensors
 from ..safeio import fingerprint, load_tensors, read_keys
+from ..training.checkpoint import FORMAT_CHECKPOINT
+from ..training.conditioning import FORMAT_CONDITIONING
 
 SOURCE_NOTES = {
     "meta-trained": "meta-learned prior (stage 1 over many identities, the paper's way)",
@@ -44,6 +46,37 @@ def _flux_summary(path: str) -> dict[str, object] | None:
     }
 
 
+# the project's other safetensors files, by their ``format`` metadata
+OTHER_KINDS = {
+    FORMAT_CONDITIONING: "conditioning",
+    FORMAT_CHECKPOINT: "training checkpoint",
+    "metalora.view_latents": "view latents",
+}
+
+
+def _other_summary(path: str, tensors, metadata) -> dict[str, object] | None:
+    """Text features, training checkpoints and cached latents: named, with the sizes that matter."""
+    fmt = metadata.get("format", "")
+    kind = OTHER_KINDS.get(fmt)
+    if kind is None and set(tensors) in ({"context"}, {"context", "pooled"}):
+        kind = "conditioning"  # written by other tools without our metadata
+    if kind is None:
+        return None
+    summary: dict[str, object] = {"file": path, "kind": kind, "format": fmt, "bytes": os.path.getsize(path)}
+    if kind == "conditioning":
+        context = tensors["context"]
+        summary.update(
+            tokens=int(context.shape[-2]),
+            context_dim=int(context.shape[-1]),
+            pooled_dim=int(tensors["pooled"].shape[-1]) if "pooled" in tensors else None,
+        )
+    elif kind == "view latents":
+        summary["latents"] = list(tensors["latents"].shape) if "latents" in tensors else None
+    else:
+        summary.update(tensors=len(tensors), step=metadata.get("step"))
+    return summary
+
+
 def summarize(path: str) -> dict[str, object]:
     if os.path.isdir(path):
         dims, layout = read_flux_dims(path)
@@ -59,6 +92,9 @@ def summarize(path: str) -> dict[str, object]:
     if flux is not None:
         return flux
     tensors, metadata = load_tensors(path)
+    other = _other_summary(path, tensors, metadata)
+    if other is not None:
+        return other
     kind = detect_kind(tensors, metadata)
     summary: dict[str, object] = {
         "file": path,
@@ -110,7 +146,10 @@ def run(args) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("inspect", help="print a JSON summary of a LoMD, identity adapter or LoRA file")
+    p = sub.add_parser(
+        "inspect",
+        help="print a JSON summary of a LoMD, identity, LoRA, FLUX, conditioning or checkpoint file",
+    )
     p.add_argument(
         "file",
         help="a .safetensors file (LoMD, identity adapter, LoRA or FLUX checkpoint) or a diffusers FLUX folder",

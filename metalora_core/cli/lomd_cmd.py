@@ -121,7 +121,7 @@ def register(sub):
         "frozen random down projection); lets the pack run with FLUX alone",
     )
     _common(p)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the orthonormal Down")
     p.set_defaults(func=_seeded)
 
     p = lsub.add_parser(

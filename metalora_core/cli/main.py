@@ -12,6 +12,7 @@ from ..errors import MetaLoRAError
 # Modules under metalora_core.cli that define ``register(subparsers)``; each adds its own sub-commands.
 # A module may also define ``register_dev(dev_subparsers)`` to add builders to the ``metalora dev`` group.
 COMMAND_MODULES = (
+    "demo_cmd",
     "inspect_cmd",
     "export_cmd",
     "dev_cmd",
@@ -21,6 +22,31 @@ COMMAND_MODULES = (
     "lomd_cmd",
 )
 EXIT_USER_ERROR = 2
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Appends ``(default: X)`` to every option's help that does not already state its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            action.option_strings
+            and "default" not in text.lower()
+            and not any(default is v for v in (None, False, argparse.SUPPRESS))
+            and not isinstance(action, argparse._VersionAction)
+        ):
+            text += " (default: %(default)s)"
+        return text
+
+
+def all_parsers(parser: argparse.ArgumentParser):
+    """``parser`` and every sub-command's parser under it, depth first."""
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                yield from all_parsers(child)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     for module in modules:
         if hasattr(module, "register_dev"):
             module.register_dev(dev_sub)
+    for each in all_parsers(parser):
+        each.formatter_class = DefaultsHelpFormatter
     return parser
 
 
@@ -54,7 +82,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"metalora {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print(f"metalora {args.command}: interrupted; nothing was written", file=sys.stderr)
+        print(
+            f"metalora {args.command}: interrupted; the result was not written (checkpoints written before "
+            "the interrupt stay, to continue with --resume)",
+            file=sys.stderr,
+        )
         return 130
 
 

@@ -28,7 +28,8 @@ from ..training.data import photo_bucket
 from ..training.diffusers_backend import DiffusersFluxBackend
 from ..training.schedules import SCHEDULES
 from ..training.standalone import find_parts, load_vae, vae_encoder
-from .personalize_cmd import DTYPES, ProgressBar, add_run_options
+from . import preflight
+from .personalize_cmd import DTYPES, ProgressBar, add_run_options, check_run_options
 
 # options whose argparse dest is a MetaConfig field of the same name
 CONFIG_ARGS = (
@@ -89,12 +90,32 @@ def _holdout(args, data: IdentitySet, held: list[int], encode, encoder_id, text,
 
 
 def run_meta_train(args) -> int:
+    _check(args)
     device = _device(os.environ.get("LOCAL_RANK"), args.device)
     ctx: DistContext = init_from_env(device)
     try:
         return _meta_train(args, ctx, device)
     finally:
         shutdown(ctx)
+
+
+def _check(args) -> Path:
+    """Everything the arguments alone decide, before any photo or model is read."""
+    check_run_options(args)
+    preflight.at_least(1, identities_per_batch=args.identities_per_batch, rank_down=args.rank_down)
+    preflight.at_least(1, rank_mid=args.rank_mid, holdout_every=args.holdout_every)
+    preflight.at_least(1, holdout_steps=args.holdout_steps)
+    preflight.at_least(0, weight_decay=args.weight_decay, holdout=args.holdout)
+    preflight.at_least(0, lr=args.lr)  # 0 keeps the Down fixed (e.g. an --init-lomd) and trains heads only
+    preflight.positive(lr_heads=args.lr_heads, alpha=args.alpha)
+    preflight.existing(args.init_lomd, "--init-lomd", "file")
+    preflight.existing(args.flux, "--flux")
+    preflight.existing(args.vae, "--vae", "dir")
+    preflight.existing(args.conditioning, "--conditioning", "file")
+    out = preflight.output_file(args.out)
+    preflight.output_folder(args.cache_dir, "--cache-dir")
+    preflight.output_folder(args.save_heads, "--save-heads")
+    return out
 
 
 def _meta_train(args, ctx: DistContext, device: torch.device) -> int:
@@ -115,6 +136,14 @@ def _meta_train(args, ctx: DistContext, device: torch.device) -> int:
     if data.skipped_identities and ctx.is_main:
         print(json.dumps({"skipped_no_face": data.skipped_identities}))
     plan = _plan(data, args)
+    if plan.dropped and ctx.is_main:
+        preflight.say(
+            f"metalora meta-train: {len(plan.dropped)} of {len(data.items)} photos dropped: their aspect ratio "
+            f"is further than --max-aspect-error {args.max_aspect_error} from every bucket at {args.resolution} "
+            f"px (`metalora dataset check {args.data}` lists them)"
+        )
+    if ctx.is_main and not args.quiet:
+        preflight.say(f"metalora meta-train: loading FLUX from {parts.transformer} (this takes a while)")
     backend = DiffusersFluxBackend.from_path(parts.transformer, dtype=DTYPES[args.dtype], device=device)
     text = _text(args, parts, backend.dims, cache_dir, device)
     vae_path, encoder_id = parts.vae, str(Path(parts.vae).resolve())
@@ -144,7 +173,7 @@ def _meta_train(args, ctx: DistContext, device: torch.device) -> int:
         bar.close()
     if not ctx.is_main:
         return 0
-    path = save_lomd(out, result.lomd)
+    path = preflight.save_or_beside(out, lambda p: save_lomd(p, result.lomd))
     summary = {
         "written": str(path),
         "fingerprint": result.lomd.fingerprint,
@@ -252,7 +281,7 @@ def register(sub) -> None:
         "--targets. Default: orthonormal from --seed. Recorded in the LoMD's provenance",
     )
     p.add_argument("--lr-heads", type=float, default=MetaConfig.lr_heads, help="Mid/Up heads' learning rate")
-    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay of the Down")
     p.add_argument("--schedule", choices=SCHEDULES, default="constant", help="LR decay after warm-up")
     p.add_argument("--warmup", dest="warmup_steps", type=int, default=MetaConfig.warmup_steps, help="warm-up")
     p.add_argument("--rank-down", type=int, default=4, help="LoMD rank (default 4)")
@@ -290,8 +319,8 @@ def _synthetic(args) -> int:
 def register_dev(dsub) -> None:
     p = dsub.add_parser("synthetic-identities", help="drawn (not real) identities at varied aspect ratios")
     p.add_argument("--out", required=True, help="output folder (one subfolder per identity)")
-    p.add_argument("--identities", type=int, default=4)
+    p.add_argument("--identities", type=int, default=4, help="how many identities to draw")
     p.add_argument("--images", type=int, default=4, help="photos per identity")
     p.add_argument("--size", type=int, default=128, help="side of the square photos in pixels (default 128)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the weights / drawings")
     p.set_defaults(func=_synthetic)

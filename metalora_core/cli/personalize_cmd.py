@@ -9,6 +9,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -25,6 +26,7 @@ from ..training.data import (
     encode_views,
     face_loss_weights,
     make_views,
+    photo_bucket,
     view_cache_key,
 )
 from ..training.diffusers_backend import DiffusersFluxBackend
@@ -68,28 +70,99 @@ class ProgressBar:
         self.bar.close()
 
 
+def check_run_options(args) -> None:
+    """The options every standalone training command shares, judged before anything loads."""
+    from . import preflight
+
+    preflight.at_least(1, steps=args.steps)
+    preflight.at_least(0, warmup=args.warmup_steps, checkpoint_every=args.checkpoint_every)
+    preflight.at_least(0, guidance=args.guidance)
+    preflight.resolution(args.resolution)
+    preflight.existing(args.resume_from, "--resume", "file")
+    device(args.device)
+
+
+def device(name: str) -> torch.device:
+    """``--device`` parsed and available, or one line saying what is."""
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise MetaLoRAError(f"--device {name}: not a device name (cpu, cuda, cuda:1, mps)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MetaLoRAError(f"--device {name}: this torch has no CUDA device; use --device cpu")
+    return dev
+
+
+def _check(args) -> Path:
+    """Everything the arguments alone decide, before the photo or any model is read."""
+    from . import preflight
+
+    check_run_options(args)
+    preflight.at_least(1, views=args.views, batch_size=args.batch_size, rank_mid=args.rank_mid)
+    preflight.at_least(0, augment=args.augment)
+    preflight.positive(lr=args.lr, lr_mid=args.lr_mid, lr_up=args.lr_up, face_weight=args.face_weight)
+    preflight.inputs(
+        ("--flux", args.flux, "any"),
+        ("--lomd", args.lomd, "file"),
+        ("--image", args.image, "file"),
+        ("--vae", args.vae, "dir"),
+        ("--conditioning", args.conditioning, "file"),
+    )
+    _face_box(args.face_box)
+    if args.face_box and args.face_model:
+        raise MetaLoRAError("--face-box and --face-model both locate the face; give one of them")
+    out = preflight.output_file(args.out)
+    preflight.output_folder(args.cache_dir, "--cache-dir")
+    return out
+
+
+def _find_face(args, photo: Image.Image) -> tuple[float, float, float, float] | None:
+    """The face box: given (--face-box), detected (--face-model, as the Train node does), or none."""
+    if not args.face_model:
+        return _face_box(args.face_box)
+    from ..faces import face_box, load_analyzer
+
+    box = face_box(np.asarray(photo), load_analyzer(args.insightface_root, args.face_model))
+    if box is None:
+        raise MetaLoRAError(
+            f"--image {args.image}: face model '{args.face_model}' finds no face in the photo; use a photo "
+            "where the face is clearly visible, give --face-box x0,y0,x1,y1, or leave out --face-model"
+        )
+    return box
+
+
 def run(args) -> int:
-    out = Path(args.out)
+    from . import preflight
+
+    out = _check(args)
     parts = find_parts(args.flux, args.vae)
     if parts.vae is None:
         raise MetaLoRAError(
             f"{args.flux}: no VAE found; pass --vae with a diffusers AutoencoderKL folder (FLUX.1-dev's vae/)"
         )
-    photo = Image.fromarray(load_image(args.image))  # EXIF rotation applied, as everywhere else
-    lomd = load_lomd(args.lomd)
-    device = torch.device(args.device)
-    backend = DiffusersFluxBackend.from_path(parts.transformer, dtype=DTYPES[args.dtype], device=device)
-    prompt = caption(args.trigger, args.subject_class, args.caption)
-    if args.conditioning:
-        cond = load_conditioning(args.conditioning, backend.dims)
-    elif parts.text_encoders is not None:
-        cond = encode_prompt(parts.text_encoders, prompt, device)
-    else:
+    if not args.conditioning and parts.text_encoders is None:
         raise MetaLoRAError(
             f"{args.flux}: no text encoders; pass --conditioning FILE.safetensors (tensors 'context' and "
             "'pooled') or a FLUX pipeline folder with text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/"
         )
-    face_box = _face_box(args.face_box)
+    photo = Image.fromarray(load_image(args.image))  # EXIF rotation applied, as everywhere else
+    bucket = photo_bucket(photo.width, photo.height, args.resolution)
+    warning = preflight.photo_size(photo.size, bucket)
+    if warning:
+        preflight.say(f"metalora personalize: {warning}")
+    lomd = load_lomd(args.lomd)
+    face_box = _find_face(args, photo)
+    face_weight = args.face_weight if args.face_weight is not None else (2.0 if face_box else 1.0)
+    dev = device(args.device)
+    say = lambda text: preflight.say(f"metalora personalize: {text}", args.quiet)  # noqa: E731
+    say(f"loading FLUX from {parts.transformer} (this takes a while)")
+    backend = DiffusersFluxBackend.from_path(parts.transformer, dtype=DTYPES[args.dtype], device=dev)
+    prompt = caption(args.trigger, args.subject_class, args.caption)
+    if args.conditioning:
+        cond = load_conditioning(args.conditioning, backend.dims)
+    else:
+        say(f"encoding the caption '{prompt}' with the text encoders of {parts.text_encoders}")
+        cond = encode_prompt(parts.text_encoders, prompt, dev)
     augment = AugmentConfig(strength=args.augment)
     views = make_views(photo, args.views, args.resolution, face_box, args.seed, augment)
     key = view_cache_key(
@@ -98,10 +171,13 @@ def run(args) -> int:
         str(parts.vae),
     )
     vae_path = parts.vae
-    latents = cached_latents(  # the VAE is only loaded when the views are not cached yet
-        args.cache_dir, key, lambda: encode_views(views.images, vae_encoder(load_vae(vae_path, device)))
-    )
-    weights = face_loss_weights(views, inside=args.face_weight) if args.face_weight != 1.0 else None
+
+    def encode() -> list[torch.Tensor]:
+        say(f"encoding {args.views} views of {bucket[0]}x{bucket[1]} px with the VAE {vae_path}")
+        return encode_views(views.images, vae_encoder(load_vae(vae_path, dev)))
+
+    latents = cached_latents(args.cache_dir, key, encode)  # the VAE is only loaded when not cached yet
+    weights = face_loss_weights(views, inside=face_weight) if face_weight != 1.0 else None
     config = PersonalizeConfig(
         **{name: getattr(args, name) for name in CONFIG_ARGS},
         checkpoint_path=str(out.with_suffix(".ckpt.safetensors")) if args.checkpoint_every else None,
@@ -115,22 +191,32 @@ def run(args) -> int:
             "views": args.views,
             "augment_strength": args.augment,
             "face_box": face_box,
-            "face_weight": args.face_weight,
+            "face_model": args.face_model,
+            "face_weight": face_weight,
             "flux": Path(args.flux).name,
         },
     )
+    say(f"training {config.steps} steps at {bucket[0]}x{bucket[1]} px")
     bar = ProgressBar(config.steps, args.quiet)
     try:
         result = personalize(backend, lomd, latents, cond, config, on_progress=bar, weights=weights)
     except TrainingDiverged as exc:
         if exc.result is not None and exc.result.steps_done:
-            kept = save_identity(out.with_suffix(".last_finite.safetensors"), exc.result.adapter)
+            last, adapter = out.with_suffix(".last_finite.safetensors"), exc.result.adapter
+            kept = preflight.save_or_beside(last, lambda p: save_identity(p, adapter))
             raise MetaLoRAError(f"{exc} (saved to {kept})") from None
         raise
     finally:
         bar.close()
-    path = save_identity(out, result.adapter)
-    plot = save_loss_curve(out.with_suffix(".loss.png"), result.losses, f"{out.name}: loss per step")
+    try:
+        path = preflight.save_or_beside(out, lambda p: save_identity(p, result.adapter))
+    except preflight.SavedElsewhere as moved:
+        try:  # the curve too, beside the result that was saved
+            save_loss_curve(moved.path.with_suffix(".loss.png"), result.losses, f"{out.name}: loss per step")
+        except OSError:
+            pass
+        raise
+    plot = save_loss_curve(path.with_suffix(".loss.png"), result.losses, f"{out.name}: loss per step")
     print(
         json.dumps(
             {
@@ -162,7 +248,11 @@ def add_run_options(
     )
     p.add_argument("--checkpoint-every", type=int, default=0, help="write OUT.ckpt.safetensors every N steps")
     p.add_argument("--resume", dest="resume_from", help=resume_help)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="where FLUX runs: cpu, cuda, cuda:1, ... (default here: %(default)s)",
+    )
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="transformer weight dtype")
 
 
@@ -197,7 +287,12 @@ def register(sub) -> None:
         default=PersonalizeConfig.warmup_steps,
         help="warm-up steps",
     )
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=1,
+        help="views per optimizer step (default 1: one photo, many views)",
+    )
     p.add_argument("--rank-mid", type=int, help="Mid rank (default: the LoMD's)")
     p.add_argument("--seed", type=int, default=0, help="seed of views, init, timesteps and noise")
     p.add_argument("--resolution", type=int, default=512, help="pixel budget side (buckets of ~res^2 pixels)")
@@ -205,7 +300,20 @@ def register(sub) -> None:
     p.add_argument("--augment", type=float, default=1.0, help="augmentation strength (0 = none, default 1)")
     p.add_argument("--face-box", help="x0,y0,x1,y1 of the face in the photo: crops always keep it")
     p.add_argument(
-        "--face-weight", type=float, default=1.0, help="loss weight inside the face box (default 1)"
+        "--face-model",
+        help="insightface model folder name (antelopev2, buffalo_l) or path: finds the face box, as the Train "
+        "node does; crops keep the face and the loss weighs it --face-weight times",
+    )
+    p.add_argument(
+        "--insightface-root",
+        default="~/.insightface",
+        help="folder holding insightface/models/<name>/ (ComfyUI's models folder) or models/<name>/",
+    )
+    p.add_argument(
+        "--face-weight",
+        type=float,
+        help="loss weight inside the face box (default: 2 when the face is known from --face-box or "
+        "--face-model, as in the Train node; else 1)",
     )
     p.add_argument("--trigger", default="ohwx", help="trigger word (default ohwx)")
     p.add_argument("--class", dest="subject_class", default="person", help="class word (default person)")
@@ -244,15 +352,15 @@ def register_dev(dsub) -> None:
         help="a tiny FLUX pipeline folder (transformer, vae, CLIP + T5 text encoders, tokenizers)",
     )
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the weights / drawings")
     p.set_defaults(func=_tiny_pipeline)
     p = dsub.add_parser("tiny-vae", help="a tiny FLUX-shaped diffusers VAE (16 latent channels, 8x)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the weights / drawings")
     p.set_defaults(func=_tiny_vae)
     p = dsub.add_parser("random-conditioning", help="random text features fitting a FLUX checkpoint")
     p.add_argument("--model", required=True, help="FLUX checkpoint (.safetensors or diffusers folder)")
     p.add_argument("--out", required=True, help="output .safetensors")
     p.add_argument("--tokens", type=int, default=16, help="text tokens (default 16)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the weights / drawings")
     p.set_defaults(func=_random_conditioning)

@@ -90,5 +90,5 @@ def register_dev(dev_sub) -> None:
     )
     p.add_argument("--out", required=True, help="root: writes <out>/insightface/models/<name>/")
     p.add_argument("--name", default="tiny", help="model folder name (default tiny)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the weights / drawings")
     p.set_defaults(func=_tiny_face_models)

@@ -24,6 +24,38 @@ KNOWN_MODELS = {
 }
 
 
+INSTALL_HINT = (
+    "pip install insightface onnxruntime (onnxruntime-gpu for CUDA) into the Python that runs this. "
+    "insightface ships no Windows wheel and its build needs the MSVC C++ build tools; without them install a "
+    "prebuilt insightface wheel for your Python version (the ComfyUI community keeps them). Everything "
+    "except the face features (face crops, face-weighted training, R-FaceSim) works without it"
+)
+
+
+def require_face_packages() -> None:
+    """The packages the face features need, or one error saying what is missing and how to get it.
+
+    Why: insightface is the most common failed install of identity packs (no wheel on Windows); a bare
+    ``ModuleNotFoundError`` deep in a node says neither what it is for nor how to fix it.
+    """
+    import importlib.util
+
+    missing = [
+        name for name in ("insightface", "onnx", "onnxruntime") if not _importable(name, importlib.util)
+    ]
+    if missing:
+        raise MetaLoRAError(
+            f"the face features need {', '.join(missing)}, not installed here: {INSTALL_HINT}"
+        )
+
+
+def _importable(name: str, util) -> bool:
+    try:
+        return util.find_spec(name) is not None
+    except (ImportError, ValueError):  # a None entry in sys.modules (blocked) or a broken parent package
+        return False
+
+
 @dataclass(frozen=True)
 class ModelLayout:
     """A validated model folder: which file detects and which recognizes."""
@@ -41,6 +73,23 @@ def candidate_folders(root: str | os.PathLike, name: str) -> list[Path]:
     return [root / "insightface" / "models" / name, root / "models" / name, root / name]
 
 
+def suggested_folder(root: str | os.PathLike, name: str) -> Path:
+    """Where ``name`` should go under ``root``, read the way the user meant ``root``: ComfyUI's models folder,
+    its ``insightface`` folder, or ``insightface/models`` itself (never ``insightface/insightface/models``)."""
+    root = Path(root).expanduser()
+    if root.name == "insightface":
+        return root / "models" / name
+    if root.name == "models" and root.parent.name in ("insightface", ".insightface"):
+        return root / name
+    if root.name == ".insightface":
+        return root / "models" / name
+    return root / "insightface" / "models" / name
+
+
+# folders that hold model folders; never model folders themselves
+_CONTAINERS = {"insightface", "models"}
+
+
 def _expected(folder: Path, name: str) -> str:
     hint = KNOWN_MODELS.get(name, "a detector (SCRFD .onnx) and a recognizer (ArcFace .onnx)")
     return (
@@ -53,7 +102,11 @@ def _available(root: Path) -> list[str]:
     found = []
     for base in (root / "insightface" / "models", root / "models", root):
         if base.is_dir():
-            found += [p.name for p in sorted(base.iterdir()) if p.is_dir() and any(p.rglob("*.onnx"))]
+            found += [
+                p.name
+                for p in sorted(base.iterdir())
+                if p.is_dir() and p.name not in _CONTAINERS and any(p.rglob("*.onnx"))
+            ]
     return sorted(set(found))
 
 
@@ -65,23 +118,20 @@ def resolve_folder(root: str | os.PathLike, name: str) -> Path:
             return direct.resolve()
         raise MetaLoRAError(f"face model folder {direct} does not exist")
     root = Path(root).expanduser()
+    target = suggested_folder(root, name)
     if not root.is_dir():
-        raise MetaLoRAError(
-            f"insightface root {root} does not exist; {_expected(candidate_folders(root, name)[0], name)}"
-        )
+        raise MetaLoRAError(f"insightface root {root} does not exist; {_expected(target, name)}")
     for folder in candidate_folders(root, name):
         if folder.is_dir():
             return folder.resolve()
     zips = [p for p in candidate_folders(root, name + ".zip") if p.is_file()]
     if zips:
-        raise MetaLoRAError(
-            f"{zips[0]} is still zipped: unzip it and {_expected(candidate_folders(root, name)[0], name)}"
-        )
+        raise MetaLoRAError(f"{zips[0]} is still zipped: unzip it and {_expected(target, name)}")
     others = _available(root)
     listing = f" Model folders found there: {', '.join(others)}." if others else ""
     raise MetaLoRAError(
-        f"face model '{name}' not found: no folder {root / 'insightface' / 'models' / name}/ "
-        f"(nor {root / 'models' / name}/).{listing} To fix: {_expected(candidate_folders(root, name)[0], name)}"
+        f"face model '{name}' not found: no folder {target}/ under {root}.{listing} "
+        f"To fix: {_expected(target, name)}"
     )
 
 
@@ -128,6 +178,7 @@ _VALIDATED: dict[tuple, ModelLayout] = {}
 
 def validate_model(root: str | os.PathLike, name: str) -> ModelLayout:
     """Check the folder before anything is loaded; every problem names the folder/file and the fix."""
+    require_face_packages()
     folder = resolve_folder(root, name)
     onnx_files = sorted(folder.glob("*.onnx"))
     label = Path(name).name

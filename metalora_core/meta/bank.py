@@ -133,5 +133,7 @@ def bank_adapters(
         ups = {n: bank[f"{i}.{n}.up"].clone() for n in layout.outs}
         training = {"method": "metalora-stage1-head", "identity": name, "steps": int(bank[f"{i}.step"])}
         meta = {SOURCE_KEY: lomd.origin}
-        out[name] = IdentityAdapter(mids, ups, shape, lomd.fingerprint, training, "flux", lomd.hidden_size, meta)
+        out[name] = IdentityAdapter(
+            mids, ups, shape, lomd.fingerprint, training, "flux", lomd.hidden_size, meta
+        )
     return out

@@ -16,7 +16,12 @@ from ..targets import FluxDims
 from .protocol import TextConditioning
 
 FORMAT_CONDITIONING = "metalora.conditioning"
-T5_MAX_TOKENS = 512  # FLUX.1-dev's max_sequence_length
+# T5 length: at least 256 tokens (padding), as ComfyUI's FLUX text encoding gives every short prompt, so an
+# identity trains on the text length it is used with in ComfyUI; longer prompts keep their length up to
+# FLUX.1-dev's max_sequence_length of 512. Padding to 512 always (the diffusers pipeline's default) would
+# cost ~1.2x per step at 512 px and 2-9x on small images for nothing (docs/training.md, bench/text_length.py).
+T5_MIN_TOKENS = 256
+T5_MAX_TOKENS = 512
 CLIP_MAX_TOKENS = 77
 
 
@@ -59,6 +64,12 @@ def has_text_encoders(folder: str | os.PathLike) -> bool:
     )
 
 
+def t5_length(tokenizer, prompt: str) -> int:
+    """The T5 sequence length of ``prompt``: its own tokens, at least 256, at most 512."""
+    n = len(tokenizer(prompt, truncation=True, max_length=T5_MAX_TOKENS).input_ids)
+    return max(T5_MIN_TOKENS, min(n, T5_MAX_TOKENS))
+
+
 def encode_prompt(
     folder: str | os.PathLike,
     prompt: str,
@@ -89,8 +100,7 @@ def encode_prompt(
         )
         pooled = clip.to(device)(ids.input_ids.to(device), output_hidden_states=False).pooler_output[0]
         del clip
-        ids = t5_tok(
-            prompt, padding="max_length", max_length=T5_MAX_TOKENS, truncation=True, return_tensors="pt"
-        )
+        length = t5_length(t5_tok, prompt)
+        ids = t5_tok(prompt, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
         context = t5.to(device)(ids.input_ids.to(device), output_hidden_states=False)[0][0]
     return TextConditioning(context.float().cpu(), pooled.float().cpu())

@@ -4,39 +4,34 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 from PIL import Image
 
 from metalora_core.cli.main import main
 from metalora_core.formats import load_identity
+from tests.personalize_kit import personalize_args, write_kit
 
 
 @pytest.fixture(scope="module")
 def kit(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    assert main(["dev", "tiny-flux", "--format", "bfl", "--out", str(root / "flux.safetensors")]) == 0
-    flux = str(root / "flux.safetensors")
-    assert main(["dev", "random-lomd", "--model", flux, "--out", str(root / "lomd.safetensors")]) == 0
-    assert main(["dev", "tiny-vae", "--out", str(root / "vae")]) == 0
-    assert main(["dev", "random-conditioning", "--model", flux, "--out", str(root / "cond.safetensors")]) == 0
-    rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 255, (96, 160, 3), dtype=np.uint8)).save(root / "photo.png")
-    return root
+    return write_kit(tmp_path_factory.mktemp("cli"), (96, 160))
 
 
 def _args(root, out, *extra):
-    return [
-        "personalize",
-        "--flux", str(root / "flux.safetensors"),
-        "--lomd", str(root / "lomd.safetensors"),
-        "--image", str(root / "photo.png"),
-        "--vae", str(root / "vae"),
-        "--conditioning", str(root / "cond.safetensors"),
-        "--out", str(out),
-        "--steps", "6", "--resolution", "128", "--views", "3", "--quiet", "--trigger", "zkx",
+    return personalize_args(
+        root,
+        out,
+        "--steps",
+        "6",
+        "--resolution",
+        "128",
+        "--views",
+        "3",
+        "--quiet",
+        "--trigger",
+        "zkx",
         *extra,
-    ]  # fmt: skip
+    )
 
 
 def test_personalize_writes_adapter_and_loss_png(kit, tmp_path, capsys):
