@@ -119,12 +119,13 @@ def test_two_ranks_match_each_other_and_one_process(meta_assets, meta_backend, b
     data, plan, prepared = build(4)
     config = MetaConfig(steps=3, **FAST)
     results, errors = {}, []
+    # one model per rank, as processes have; loaded here, since model loading is not thread-safe
+    backends = [DiffusersFluxBackend.from_path(meta_assets["flux"]) for _ in (0, 1)]
 
     def rank(r: int) -> None:
         group.local.rank = r
         try:
-            backend = DiffusersFluxBackend.from_path(meta_assets["flux"])  # one model per rank, as processes
-            trainer = MetaTrainer(backend, data, plan, prepared, config, DistContext(r, 2))
+            trainer = MetaTrainer(backends[r], data, plan, prepared, config, DistContext(r, 2))
             results[r] = trainer.train()
         except BaseException as exc:  # surface it in the test, and free the other rank
             errors.append(exc)

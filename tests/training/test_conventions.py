@@ -241,3 +241,22 @@ def test_diffusers_backend_calls_the_transformer_as_the_flux_pipeline_does(backe
     torch.testing.assert_close(seen["encoder_hidden_states"], cond.context.expand(2, -1, -1))
     torch.testing.assert_close(seen["pooled_projections"], cond.pooled.expand(2, -1))
     torch.testing.assert_close(out, FluxPipeline._unpack_latents(direct, h * 8, w * 8, 8), rtol=0, atol=0)
+
+
+# --- the VAE ------------------------------------------------------------------------------------------
+
+
+def test_vae_latents_are_shifted_then_scaled_by_the_configs_factors():
+    """FLUX pipelines encode ``(mean - shift_factor) * scaling_factor`` and decode the inverse; FLUX.1's VAE
+    config has 0.1159 and 0.3611 (ComfyUI's ``latent_formats.Flux`` uses the same two numbers)."""
+    from metalora_core.dev.tiny_vae import tiny_vae
+    from metalora_core.training.standalone import vae_encoder
+
+    vae = tiny_vae(0)
+    assert (vae.config.shift_factor, vae.config.scaling_factor) == (0.1159, 0.3611)
+    images = torch.rand(2, 3, 32, 48, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        got = vae_encoder(vae)(images)
+        mean = vae.encode(images).latent_dist.mode()
+    torch.testing.assert_close(got, (mean - 0.1159) * 0.3611, rtol=0, atol=1e-6)
+    torch.testing.assert_close(got / 0.3611 + 0.1159, mean, rtol=0, atol=1e-5)  # the pipeline's decode side
