@@ -104,3 +104,20 @@ def test_every_score_is_the_mean_cosine_of_the_right_embeddings(feature_dirs):
     for key, value in expected.items():
         assert scores[key] == pytest.approx(float(value), abs=1e-6), key
     assert len({round(v, 6) for v in expected.values()}) == 5  # five different numbers: no mix-up can hide
+
+
+def test_r_facesim_feature_scores_leave_the_personalization_photo_out(feature_dirs, analyzer, astronaut):
+    """CLIP-I / DINO inside R-FaceSim use the real photos WITHOUT the personalization photo, as R-FaceSim."""
+    from metalora_core.dev.tiny_faces import paint_markers
+    from metalora_core.faces import r_facesim
+
+    face = lambda img: paint_markers(np.ascontiguousarray(img), [((288, 128), 128)])  # noqa: E731
+    refs = [face(astronaut), face(astronaut[:, ::-1]), face(astronaut // 2 + 60)]
+    gens = [face(astronaut[::-1])]
+    models = load_feature_models(clip=feature_dirs / "clip", dino=feature_dirs / "dino")
+    res = r_facesim(analyzer, gens, refs, exclude=0, feature_models=models, pixel_metrics=False)
+    without = feature_scores(models, gens, refs[1:], refs[0])
+    with_ref = feature_scores(models, gens, refs, refs[0])
+    for key in ("clip_i", "clip_i_ref", "dino", "dino_ref"):
+        assert res.extras[key] == pytest.approx(without[key], abs=1e-9), key
+    assert abs(with_ref["clip_i"] - without["clip_i"]) > 1e-6  # including it would change the number

@@ -150,3 +150,24 @@ def test_two_ranks_match_each_other_and_one_process(meta_assets, meta_backend, b
     assert results[1].bank is None and set(results[0].bank) == set(single.bank)
     for k in single.bank:
         torch.testing.assert_close(results[0].bank[k], single.bank[k], rtol=0, atol=1e-5)
+
+
+def test_heads_follow_the_downs_schedule_scaled_to_their_own_lr(meta_backend, build, monkeypatch):
+    """The heads' LR is ``lr_heads`` times the same warm-up/decay multiplier as the Down's, every step."""
+    from metalora_core.training.schedules import lr_multiplier
+
+    trainer = _trainer(meta_backend, build, steps=5, warmup_steps=2, schedule="linear", lr_heads=2e-3)
+    seen = []
+    page_in = trainer.bank.page_in
+
+    def record(ids, downs, scale, lr, weight_decay, device):
+        seen.append((lr, float(trainer.optimizer.param_groups[0]["lr"])))
+        return page_in(ids, downs, scale, lr, weight_decay, device)
+
+    monkeypatch.setattr(trainer.bank, "page_in", record)
+    for _ in range(5):
+        trainer.train_step()
+    for step, (head_lr, down_lr) in enumerate(seen):
+        multiplier = lr_multiplier(step, 5, "linear", warmup=2)
+        assert head_lr == pytest.approx(2e-3 * multiplier, rel=1e-9), step
+        assert down_lr == pytest.approx(FAST["lr"] * multiplier, rel=1e-9), step
