@@ -65,3 +65,59 @@ def test_missing_folders_and_tokenizer_are_skipped_with_reasons(feature_dirs, tm
             "skipped"
         ]["clip_t"]
     )
+
+
+def _unit_rows(x):
+    x = x if hasattr(x, "detach") else x.pooler_output  # transformers 5 returns an output object
+    x = np.asarray(x.detach().float().numpy(), np.float64)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def test_every_score_is_the_mean_cosine_of_the_right_embeddings(feature_dirs):
+    """Each number against the raw transformers outputs: CLIP image/text features, DINO's CLS token."""
+    import torch
+
+    models = load_feature_models(clip=feature_dirs / "clip", dino=feature_dirs / "dino")
+    gen, real, ref = _images(2, 0), _images(3, 1), _images(1, 2)[0]
+    scores = feature_scores(models, gen, real, ref, prompt="a photo of a person")
+    clip, dino = models["clip"], models["dino"]
+    with torch.no_grad():
+        c_img = lambda imgs: _unit_rows(clip.model.get_image_features(pixel_values=clip.pixels(imgs)))  # noqa: E731
+        tokens = clip.tokenizer(["a photo of a person"], return_tensors="pt")
+        c_txt = _unit_rows(clip.model.get_text_features(**tokens))[0]
+        d_img = lambda imgs: _unit_rows(dino.model(pixel_values=dino.pixels(imgs)).last_hidden_state[:, 0])  # noqa: E731
+        g_c, r_c, ref_c, g_d, r_d, ref_d = (
+            c_img(gen),
+            c_img(real),
+            c_img([ref]),
+            d_img(gen),
+            d_img(real),
+            d_img([ref]),
+        )
+    expected = {
+        "clip_t": np.mean(g_c @ c_txt),
+        "clip_i": np.mean(g_c @ r_c.T),
+        "clip_i_ref": np.mean(g_c @ ref_c.T),
+        "dino": np.mean(g_d @ r_d.T),
+        "dino_ref": np.mean(g_d @ ref_d.T),
+    }
+    for key, value in expected.items():
+        assert scores[key] == pytest.approx(float(value), abs=1e-6), key
+    assert len({round(v, 6) for v in expected.values()}) == 5  # five different numbers: no mix-up can hide
+
+
+def test_r_facesim_feature_scores_leave_the_personalization_photo_out(feature_dirs, analyzer, astronaut):
+    """CLIP-I / DINO inside R-FaceSim use the real photos WITHOUT the personalization photo, as R-FaceSim."""
+    from metalora_core.dev.tiny_faces import paint_markers
+    from metalora_core.faces import r_facesim
+
+    face = lambda img: paint_markers(np.ascontiguousarray(img), [((288, 128), 128)])  # noqa: E731
+    refs = [face(astronaut), face(astronaut[:, ::-1]), face(astronaut // 2 + 60)]
+    gens = [face(astronaut[::-1])]
+    models = load_feature_models(clip=feature_dirs / "clip", dino=feature_dirs / "dino")
+    res = r_facesim(analyzer, gens, refs, exclude=0, feature_models=models, pixel_metrics=False)
+    without = feature_scores(models, gens, refs[1:], refs[0])
+    with_ref = feature_scores(models, gens, refs, refs[0])
+    for key in ("clip_i", "clip_i_ref", "dino", "dino_ref"):
+        assert res.extras[key] == pytest.approx(without[key], abs=1e-9), key
+    assert abs(with_ref["clip_i"] - without["clip_i"]) > 1e-6  # including it would change the number

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from metalora_core.errors import MetaLoRAError
 from metalora_core.meta.train import MetaConfig, MetaTrainer
 
 FAST = dict(batch_size=2, lr=3e-3, lr_heads=3e-3, warmup_steps=2, rank_mid=4)
@@ -49,7 +50,7 @@ def test_resume_after_a_crash_continues_from_the_checkpoint(build, meta_backend,
     for k in whole.bank:
         torch.testing.assert_close(result.bank[k], whole.bank[k], rtol=0, atol=0)
     other = MetaConfig(steps=6, resume_from=ckpt, **{**FAST, "lr": 1e-3})
-    with pytest.raises(Exception, match="lr"):
+    with pytest.raises(MetaLoRAError, match=r"trained with lr=0\.003, this run has 0\.001"):
         MetaTrainer(meta_backend, data, plan, prepared, other).train()
 
 

@@ -1,18 +1,50 @@
-"""bench/train_step.py runs end to end (at a tiny width here) and ends with its ratio line."""
+"""bench/train_step.py runs end to end (at a tiny width here), its ratio line is the table's own ratio, and
+the variants it times compute what they claim (the dense-delta variant equals the bypass adapter)."""
 
 from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
 
+import pytest
+import torch
 
-def test_bench_runs_tiny(capsys):
+
+@pytest.fixture(scope="module")
+def bench():
     path = Path(__file__).resolve().parents[2] / "bench" / "train_step.py"
     spec = importlib.util.spec_from_file_location("train_step_bench", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_runs_tiny(bench, capsys):
     assert bench.main(["--hidden", "128", "--image-tokens", "16", "--text-tokens", "8", "--iters", "1"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert sum(line.startswith("| (") for line in lines) == 4
+    rows = {}
+    for line in lines:
+        if line.startswith("| ("):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            rows[cells[0][1]] = cells  # variant letter -> name, CPU s, wall s, peak MiB, vs floor
+    assert sorted(rows) == ["a", "b", "c", "d"]
+    assert rows["a"][4] == "1.000" and all(float(r[1]) > 0 and float(r[2]) > 0 for r in rows.values())
     name, value = lines[-1].rsplit(" ", 1)
-    assert name == "ratio meta_over_floor" and float(value) > 0
+    assert name == "ratio meta_over_floor" and value == rows["b"][4]  # b over a, as the table says
+
+
+def test_dense_delta_variant_equals_the_bypass_adapter(bench):
+    from metalora_core.adapter import BypassLinear, IdentityHead
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.nn.Linear(16, 24, dtype=torch.float64)
+    head = IdentityHead(torch.randn(4, 16, generator=g, dtype=torch.float64), 24, 8, scale=0.5)
+    with torch.no_grad():
+        head.up.normal_(generator=g)
+    x = torch.randn(3, 16, generator=g, dtype=torch.float64)
+    for rows in (None, slice(8, 16)):
+        if rows is not None:
+            base = torch.nn.Linear(16, 8, dtype=torch.float64)
+        dense, bypass = bench.DenseDelta(base, head, rows), BypassLinear(base, head, rows)
+        torch.testing.assert_close(dense(x), bypass(x), rtol=1e-12, atol=1e-12)
+    assert (bypass(x) - base(x)).abs().max() > 1e-3

@@ -13,6 +13,7 @@ from metalora_core.training.objective import flow_loss
 from metalora_core.training.personalize import PersonalizeConfig, personalize
 from metalora_core.training.protocol import TrainingCancelled
 from metalora_core.training.schedules import TrainingDiverged
+from tests.poison import PoisonAfter
 
 FAST = dict(lr=3e-3, warmup_steps=2, weight_decay=0.0)
 
@@ -115,29 +116,10 @@ def test_resume_matches_uninterrupted(backend, lomd, views, cond, tmp_path):
         )
 
 
-class _PoisonAfter:
-    """Wraps a backend; its velocity turns NaN from call ``n`` on."""
-
-    def __init__(self, inner, n: int) -> None:
-        self.inner, self.n, self.calls = inner, n, 0
-        self.dims, self.device, self.dtype = inner.dims, inner.device, inner.dtype
-
-    def velocity(self, x_t, t, cond, guidance):
-        self.calls += 1
-        out = self.inner.velocity(x_t, t, cond, guidance)
-        return out * float("nan") if self.calls > self.n else out
-
-    def adapters(self, heads):
-        return self.inner.adapters(heads)
-
-    def set_gradient_checkpointing(self, enabled: bool) -> None:
-        self.inner.set_gradient_checkpointing(enabled)
-
-
 def test_nan_guard_stops_and_keeps_last_finite_weights(backend, lomd, views, cond):
     cfg = PersonalizeConfig(steps=10, **FAST)
     with pytest.raises(TrainingDiverged, match=r"nan at step 5.*after step 4") as info:
-        personalize(_PoisonAfter(backend, 4), lomd, views, cond, cfg)
+        personalize(PoisonAfter(backend, 4), lomd, views, cond, cfg)
     kept = info.value.result
     assert kept.steps_done == 4 and len(kept.losses) == 4
     reference = personalize(backend, lomd, views, cond, PersonalizeConfig(steps=4, **FAST)).adapter
