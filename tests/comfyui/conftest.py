@@ -20,7 +20,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.comfyui.cpu_torchvision import torchvision_schemas
 from tests.comfyui.harness import ComfyServer, build_base_dir
+
+# In-process tests import ComfyUI (and with it torchvision/torchaudio): the same test-only hook as the server.
+torchvision_schemas.install()
 
 TINY = {"context_dim": 64, "pooled_dim": 32}
 

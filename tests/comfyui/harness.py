@@ -22,6 +22,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 TEST_NODES = Path(__file__).resolve().parent / "test_nodes"
+# test-only sitecustomize that lets CUDA torchvision/torchaudio wheels import next to CPU torch (see its doc)
+CPU_TORCHVISION_HOOK = Path(__file__).resolve().parent / "cpu_torchvision"
 PACK_NAME = "metalora"  # folder name of the pack inside custom_nodes/
 START_TIMEOUT_S = 600.0  # generous: ComfyUI start-up on two busy cores
 
@@ -128,6 +130,9 @@ class ComfyServer:
             *self.extra_args,
         ]
         env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(CPU_TORCHVISION_HOOK), env.get("PYTHONPATH", "")) if p
+        )
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             cmd,
