@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
+import os
+import uuid
+from pathlib import Path
 
 import pytest
 
@@ -16,7 +20,17 @@ pytestmark = pytest.mark.skipif(
     reason="needs a chromium binary and aiohttp to drive ComfyUI's front end headless",
 )
 
-READY = "!!(window.app && window.app.graph && window.LiteGraph && window.app.extensions?.length && window.app.api?.clientId)"
+# the app is up, connected, and has opened its first workflow (a graph built before that would be replaced)
+READY = (
+    "!!(window.app && window.app.graph && window.LiteGraph && window.app.extensions?.length && "
+    "window.app.api?.clientId && window.app.extensionManager?.workflow?.activeWorkflow)"
+)
+
+
+async def ready(page) -> None:
+    await page.wait_for(READY, timeout=120)
+    await asyncio.sleep(1.0)  # let the first workflow finish loading into the canvas
+
 
 RECORD_DRAW = """
 (node) => {
@@ -35,7 +49,7 @@ RECORD_DRAW = """
 
 def test_extension_badge_and_chart_in_the_real_front_end(comfy):
     async def body(page):
-        await page.wait_for(READY, timeout=120)
+        await ready(page)
         names = await page.evaluate("window.app.extensions.map(e => e.name)")
         assert "metalora.ui" in names
         node_id = await page.evaluate(
@@ -82,3 +96,156 @@ def test_extension_badge_and_chart_in_the_real_front_end(comfy):
         assert asyncio.run(open_page(comfy.url + "/", body))
     finally:
         comfy.client_id = original
+
+
+# --- the example workflows as a user opens them -------------------------------------------------------------
+
+# Screen pixels the front end covers with its own chrome at 1600x900: the left tool bar, the tab bar and the
+# floating graph tool bar / Run button row. A node a user must see lies inside the rest.
+VISIBLE = (60, 90, 1590, 890)
+
+LOAD_AND_DUMP = """
+async (wf, name) => {
+  await window.app.loadGraphData(wf, true, true, name);
+  await new Promise(r => setTimeout(r, 500));
+  const app = window.app, c = app.canvas;
+  const nodes = app.graph._nodes.map(n => {
+    const ser = n.serialize();
+    return {id: n.id, type: n.type, title: n.title, mode: n.mode, bound: Array.from(n.getBounding()),
+            widgets: (n.widgets || []).map(w => [w.name, w.value]),
+            serialized: ser.widgets_values ?? [],
+            linked_inputs: (n.inputs || []).filter(i => i.link != null).map(i => i.name)};
+  });
+  const groups = app.graph._groups.map(g => ({title: g.title, bound: Array.from(g._bounding)}));
+  const prompt = await app.graphToPrompt();
+  const threshold = app.ui.settings.getSettingValue("LiteGraph.Canvas.LowQualityRenderingZoomThreshold") ?? 0.6;
+  return {ds: {scale: c.ds.scale, offset: Array.from(c.ds.offset)}, nodes, groups, threshold,
+          prompt: prompt.output};
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def opened(comfy):
+    """Every example workflow loaded in the real front end: what it shows and the prompt it converts to.
+
+    Set METALORA_SCREENSHOTS=<folder> to keep a PNG of each as a user sees it (1600x900)."""
+    from tests.comfyui.workflows import ALL, workflow
+
+    shots = os.environ.get("METALORA_SCREENSHOTS")
+    comfy.post("/settings/Comfy.TutorialCompleted", True)  # no first-visit template dialog over the graph
+
+    async def body(page):
+        await ready(page)
+        out = {}
+        for name in ALL:
+            out[name] = await page.evaluate(
+                f"({LOAD_AND_DUMP})({json.dumps(workflow(name))}, {json.dumps(name)})"
+            )
+            if shots:
+                await asyncio.sleep(1.0)
+                await page.screenshot(Path(shots) / f"{name}.png")
+        fresh = await page.evaluate(
+            "(() => { const n = LiteGraph.createNode('MetaLoRATrainIdentity');"
+            " return n.widgets.map(w => ({name: w.name, value: w.value, label: w.label,"
+            " options: w.options?.values ?? null})); })()"
+        )
+        return {"workflows": out, "fresh_train": fresh, "errors": page.errors}
+
+    return asyncio.run(open_page(comfy.url + "/", body))
+
+
+def test_a_fresh_train_node_keeps_its_seed_fixed(opened):
+    widgets = opened["fresh_train"]
+    names = [w["name"] for w in widgets]
+    control = widgets[names.index("seed") + 1]  # the widget the front end adds after the seed
+    assert control["label"] == "control after generate" and "randomize" in control["options"]
+    assert control["value"] == "fixed"  # randomize would draw a new seed, and so retrain, on every Run
+
+
+@pytest.mark.parametrize("name", ["personalize", "score", "export"])
+def test_workflow_widget_values_land_on_their_widgets(opened, comfy, name):
+    from tests.comfyui.workflows import widget_values_problems, workflow
+
+    title = _title(name)
+    info = comfy.object_info()
+    file_nodes = {str(n["id"]): n for n in workflow(title)["nodes"]}
+    problems = []
+    for loaded in opened["workflows"][title]["nodes"]:
+        if loaded["type"] not in info:
+            continue  # front-end-only nodes (notes)
+        loaded["file_values"] = file_nodes[str(loaded["id"])].get("widgets_values", [])
+        problems += widget_values_problems(loaded, info[loaded["type"]])
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("name", ["personalize", "score", "export"])
+def test_workflow_opens_readable_without_overlaps(opened, name):
+    view = opened["workflows"][_title(name)]
+    scale, (ox, oy) = view["ds"]["scale"], view["ds"]["offset"]
+    assert scale >= view["threshold"] + 0.05, "at this zoom the front end does not draw node text"
+
+    def screen(b):
+        return (
+            (b[0] + ox) * scale,
+            (b[1] + oy) * scale,
+            (b[0] + b[2] + ox) * scale,
+            (b[1] + b[3] + oy) * scale,
+        )
+
+    nodes = view["nodes"]
+    for n in nodes:
+        x0, y0, x1, y1 = screen(n["bound"])
+        inside = x0 >= VISIBLE[0] and y0 >= VISIBLE[1] and x1 <= VISIBLE[2] and y1 <= VISIBLE[3]
+        assert inside, (
+            f"{n['title']} (node {n['id']}) is not in view when the workflow opens: {(x0, y0, x1, y1)}"
+        )
+    for i, a in enumerate(nodes):
+        for b in nodes[i + 1 :]:
+            assert not _overlap(a["bound"], b["bound"]), f"{a['title']} overlaps {b['title']}"
+    for g in view["groups"]:
+        gx, gy, gw, gh = g["bound"]
+        for n in nodes:
+            if _overlap(g["bound"], n["bound"]):  # a node in a group lies inside it, below its title
+                x, y, w, h = n["bound"]
+                assert gx <= x and gy + 40 <= y and x + w <= gx + gw and y + h <= gy + gh, (
+                    g["title"],
+                    n["title"],
+                )
+
+
+@pytest.mark.parametrize("name", ["personalize", "score", "export"])
+def test_workflow_queues_with_only_missing_model_errors(opened, comfy, name):
+    from tests.comfyui.harness import ComfyError
+    from tests.comfyui.workflows import missing_file_errors_only
+
+    prompt = opened["workflows"][_title(name)]["prompt"]
+    with pytest.raises(ComfyError) as refused:  # this server has none of the FLUX.1-dev files
+        comfy.queue(prompt)
+    assert not missing_file_errors_only(refused.value.payload), refused.value.payload
+
+
+@pytest.mark.parametrize("name", ["personalize", "score", "export"])
+def test_workflow_runs_on_the_tiny_flux(opened, comfy, comfy_base, name):
+    from tests.comfyui.workflows import on_tiny_flux
+
+    prompt = opened["workflows"][_title(name)]["prompt"]
+    tag = uuid.uuid4().hex[:8]
+    result = comfy.run(on_tiny_flux(prompt, tag), timeout=900)
+    assert result.status == "success", (result.error or {}).get("exception_message")
+    kinds = {prompt[i]["class_type"] for i in result.outputs}
+    assert {"SaveImage", "MetaLoRASaveIdentity", "MetaLoRAExportLoRA"} & kinds, result.outputs
+    if name == "personalize":
+        assert (comfy_base / "models" / "metalora" / f"ohwx_identity_{tag}.safetensors").is_file()
+    if name == "export":
+        assert (comfy_base / "models" / "loras" / f"metalora_identity_{tag}.safetensors").is_file()
+
+
+def _title(name: str) -> str:
+    from tests.comfyui import workflows
+
+    return {"personalize": workflows.PERSONALIZE, "score": workflows.SCORE, "export": workflows.EXPORT}[name]
+
+
+def _overlap(a, b) -> bool:
+    return a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[3] and b[1] < a[1] + a[3]
