@@ -25,6 +25,12 @@ FORMAT_LOMD = "metalora.lomd"
 FORMAT_IDENTITY = "metalora.identity"
 FORMAT_VERSION = 1
 DOWN_SUFFIX = ".meta_down.weight"
+# Where a LoMD comes from (metadata key of LoMDs, copied into every identity trained against one): see
+# docs/lomd-sources.md. Not to be confused with ``LoMD.source``, the file a LoMD was read from.
+SOURCE_KEY = "lomd_source"
+PROVENANCE_KEY = "lomd_provenance"  # JSON: how it was made (seed, LoRA hashes, energy summary, ...)
+LOMD_SOURCES = ("meta-trained", "distilled", "seeded", "random")
+UNKNOWN_SOURCE = "unknown"
 MID_SUFFIX = ".lom.weight"
 UP_SUFFIX = ".lou.weight"
 
@@ -35,9 +41,6 @@ def _short(kind: str, obj: LoMD | IdentityAdapter, extra: list[str]) -> str:
     parts = [f"{len(obj.targets)} layers", f"rank_down {obj.shape.rank_down}", *extra]
     if obj.hidden_size:
         parts.append(f"hidden {obj.hidden_size}")
-    origin = obj.metadata.get("source")
-    if origin:
-        parts.append(f"made by {origin}")
     parts += [f"fingerprint {obj.fingerprint}", f"from {obj.source}"]
     return f"{kind}({', '.join(parts)})"
 
@@ -61,8 +64,13 @@ class LoMD:
     def fingerprint(self) -> str:
         return fingerprint(self.downs)
 
+    @property
+    def origin(self) -> str:
+        """``meta-trained``, ``distilled``, ``seeded``, ``random`` or ``unknown`` (a file from elsewhere)."""
+        return self.metadata.get(SOURCE_KEY) or UNKNOWN_SOURCE
+
     def __repr__(self) -> str:
-        return _short("LoMD", self, [])
+        return _short("LoMD", self, [f"{self.origin}"])
 
 
 @dataclass(repr=False)
@@ -84,6 +92,11 @@ class IdentityAdapter:
         return list(self.mids)
 
     @property
+    def lomd_origin(self) -> str:
+        """Where the LoMD this identity was trained against came from (``seeded`` = no prior)."""
+        return self.metadata.get(SOURCE_KEY) or UNKNOWN_SOURCE
+
+    @property
     def fingerprint(self) -> str:
         return fingerprint(
             {
@@ -93,7 +106,8 @@ class IdentityAdapter:
         )
 
     def __repr__(self) -> str:
-        extra = [f"rank_mid {self.shape.rank_mid}", f"for LoMD {self.lomd_fingerprint or 'unknown'}"]
+        lomd = f"for LoMD {self.lomd_fingerprint or 'unknown'} ({self.lomd_origin})"
+        extra = [f"rank_mid {self.shape.rank_mid}", lomd]
         return _short("MetaLoRA identity", self, extra)
 
 
@@ -119,6 +133,7 @@ def save_lomd(path: str | os.PathLike, lomd: LoMD) -> Path:
     tensors = {name + DOWN_SUFFIX: t for name, t in lomd.downs.items()}
     meta = {"format": FORMAT_LOMD, **_common_meta(lomd.shape, lomd.base_arch, lomd.hidden_size, lomd.targets)}
     meta["fingerprint"] = lomd.fingerprint
+    meta.update({k: lomd.metadata[k] for k in (SOURCE_KEY, PROVENANCE_KEY) if lomd.metadata.get(k)})
     return save_tensors(path, tensors, meta)
 
 
@@ -132,6 +147,8 @@ def save_identity(path: str | os.PathLike, adapter: IdentityAdapter) -> Path:
     meta["lomd_fingerprint"] = adapter.lomd_fingerprint
     meta["fingerprint"] = adapter.fingerprint
     meta["training"] = json.dumps(adapter.training, default=str)
+    if adapter.metadata.get(SOURCE_KEY):
+        meta[SOURCE_KEY] = adapter.metadata[SOURCE_KEY]
     return save_tensors(path, tensors, meta)
 
 

@@ -8,11 +8,14 @@ from .apply import MetaLoRAApply
 from .export import MetaLoRAExportLoRA
 from .faces import MetaLoRAFaceCrop, MetaLoRAFaceSimilarity
 from .files import MetaLoRALoadIdentity, MetaLoRALoadLoMD, MetaLoRASaveIdentity
+from .lomd_sources import MetaLoRADistillLoMD, MetaLoRASeededLoMD
 from .model_folders import register_model_folders
 from .train_identity import MetaLoRATrainIdentity
 
 NODES: list[type[io.ComfyNode]] = [
     MetaLoRALoadLoMD,
+    MetaLoRASeededLoMD,
+    MetaLoRADistillLoMD,
     MetaLoRATrainIdentity,
     MetaLoRAApply,
     MetaLoRASaveIdentity,

@@ -72,7 +72,7 @@ def test_exported_lora_through_stock_loader_equals_apply(comfy, comfy_base):
     assert again.status == "error" and "already exists" in again.error["exception_message"]
     # the error report lists the node's inputs as text: one short line per LoMD/identity, never tensors
     shown = again.error["current_inputs"]
-    assert shown["lomd"][0].startswith("LoMD(20 layers, rank_down 4") and len(shown["lomd"][0]) < 300, shown
+    assert shown["lomd"][0].startswith("LoMD(20 layers, rank_down 4, ") and len(shown["lomd"][0]) < 300, shown
     assert shown["identity"][0].startswith("MetaLoRA identity(") and len(shown["identity"][0]) < 300, shown
     assert "tensor(" not in json.dumps(shown)
 
