@@ -10,6 +10,8 @@ One server per session (start-up is the slow part). The base folder holds:
 - models/insightface/models/tiny/ (tiny ONNX detector + recognizer; the detector finds magenta frames)
 - input/face_a.png, face_a2.png, face_b.png (painted faces), noface.png
 - extra_models/metalora/lomd_extra.safetensors, registered only by extra_model_paths.yaml
+- with COMFYUI_GGUF_PATH (city96's ComfyUI-GGUF, copied into custom_nodes/): models/diffusion_models/
+  tiny_flux-F16.gguf, -Q8_0.gguf and -Q4_0.gguf, the tiny FLUX as ComfyUI-GGUF's convert tool writes it
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ import numpy as np
 import pytest
 
 from tests.comfyui.cpu_torchvision import torchvision_schemas
-from tests.comfyui.harness import ComfyServer, build_base_dir
+from tests.comfyui.gguf_files import TYPES as GGUF_TYPES
+from tests.comfyui.gguf_files import write_gguf
+from tests.comfyui.harness import ComfyServer, build_base_dir, gguf_nodes_path
 
 # In-process tests import ComfyUI (and with it torchvision/torchaudio): the same test-only hook as the server.
 torchvision_schemas.install()
@@ -88,6 +92,9 @@ def comfy_base(comfyui_path, tmp_path_factory) -> Path:
     (models / "metalora" / "lomd_broken.safetensors").write_bytes(
         b"\x00" * 64
     )  # e.g. an interrupted download
+    if gguf_nodes_path() is not None:
+        for qtype in GGUF_TYPES:
+            write_gguf(flux, models / "diffusion_models" / f"tiny_flux-{qtype}.gguf", qtype)
     write_tiny_face_models(models, "tiny", seed=0)
     _images(base / "input")
     # a second metalora folder registered only through extra_model_paths.yaml

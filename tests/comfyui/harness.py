@@ -44,6 +44,27 @@ def link_pack(base: Path) -> None:
             link.symlink_to(target, target_is_directory=True)
 
 
+def gguf_nodes_path() -> Path | None:
+    """city96's ComfyUI-GGUF checkout named by COMFYUI_GGUF_PATH (the loader most FLUX users run), if any."""
+    path = os.environ.get("COMFYUI_GGUF_PATH")
+    return Path(path) if path else None
+
+
+def install_gguf_nodes(base: Path) -> bool:
+    """Copy ComfyUI-GGUF into ``custom_nodes/`` (a copy: the checkout stays untouched, no __pycache__ in it)."""
+    import shutil
+
+    source = gguf_nodes_path()
+    if source is None:
+        return False
+    if not (source / "nodes.py").is_file():
+        raise FileNotFoundError(f"COMFYUI_GGUF_PATH={source} is not a ComfyUI-GGUF checkout (no nodes.py)")
+    target = base / "custom_nodes" / "ComfyUI-GGUF"
+    if not target.exists():
+        shutil.copytree(source, target, ignore=shutil.ignore_patterns(".git", "__pycache__"))
+    return True
+
+
 def build_base_dir(base: Path) -> Path:
     """An empty ComfyUI base folder with the pack linked in; callers add model files under ``models/``."""
     for sub in (
@@ -57,6 +78,7 @@ def build_base_dir(base: Path) -> Path:
     ):
         (base / sub).mkdir(parents=True, exist_ok=True)
     link_pack(base)
+    install_gguf_nodes(base)
     return base
 
 
