@@ -5,7 +5,8 @@ Run: ``COMFYUI_PATH=/path/to/ComfyUI /path/to/comfy-venv/bin/python -m pytest te
 
 One server per session (start-up is the slow part). The base folder holds:
 - models/diffusion_models/tiny_flux.safetensors (hidden 128, context 64, pooled 32) and tiny_flux_256 (hidden 256)
-- models/metalora/lomd.safetensors + identity.safetensors (random, non-zero Up), lomd_misfit.safetensors
+- models/metalora/lomd.safetensors + identity.safetensors (random, non-zero Up), identity_seeded.safetensors
+  (trained, as it were, on the Seeded LoMD node's default LoMD of tiny_flux), lomd_misfit.safetensors
   (made for the hidden-256 model, so it does not fit tiny_flux), lomd_broken.safetensors (not safetensors)
 - models/insightface/models/tiny/ (tiny ONNX detector + recognizer; the detector finds magenta frames)
 - input/face_a.png, face_a2.png, face_b.png (painted faces), noface.png
@@ -71,7 +72,9 @@ def comfy_base(comfyui_path, tmp_path_factory) -> Path:
     from metalora_core.dev.random_assets import random_adapter, random_lomd
     from metalora_core.dev.tiny_faces import write_tiny_face_models
     from metalora_core.dev.tiny_flux import TINY_DIMS, tiny_dims, write_tiny_flux
+    from metalora_core.flux_model import read_flux_dims
     from metalora_core.formats import save_identity, save_lomd
+    from metalora_core.lomd.seeded import seeded_lomd
 
     base = build_base_dir(tmp_path_factory.mktemp("comfy_base"))
     models = base / "models"
@@ -88,6 +91,11 @@ def comfy_base(comfyui_path, tmp_path_factory) -> Path:
     save_lomd(models / "metalora" / "lomd_misfit.safetensors", misfit)
     save_identity(
         models / "metalora" / "identity_misfit.safetensors", random_adapter(misfit, big, seed=4, up_std=0.05)
+    )
+    # an identity trained against the LoMD the example workflows make (Seeded LoMD at its defaults)
+    seeded = seeded_lomd(read_flux_dims(flux)[0], AdapterShape(4, 16), "attn_mlp", seed=0)
+    save_identity(
+        models / "metalora" / "identity_seeded.safetensors", random_adapter(seeded, flux, seed=5, up_std=0.05)
     )
     (models / "metalora" / "lomd_broken.safetensors").write_bytes(
         b"\x00" * 64

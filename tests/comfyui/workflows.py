@@ -146,7 +146,8 @@ def on_tiny_flux(prompt: dict, tag: str) -> dict:
         changes = {
             "UNETLoader": {"unet_name": "tiny_flux.safetensors"},
             "MetaLoRALoadLoMD": {"lomd_name": "lomd.safetensors"},
-            "MetaLoRALoadIdentity": {"identity_name": "identity.safetensors"},
+            # the examples make their LoMD with Seeded LoMD: an identity trained on that one
+            "MetaLoRALoadIdentity": {"identity_name": "identity_seeded.safetensors"},
             "LoadImage": {"image": next(photos)} if kind == "LoadImage" else {},
             "MetaLoRATrainIdentity": {"steps": 2, "resolution": 256, "views": 2, "warmup_steps": 0},
             "KSampler": {"steps": 2},
