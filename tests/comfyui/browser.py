@@ -132,3 +132,16 @@ async def open_page(url: str, body, viewport: tuple[int, int] = VIEWPORT) -> obj
         except subprocess.TimeoutExpired:
             proc.kill()
         shutil.rmtree(profile, ignore_errors=True)
+
+
+# the app is up, connected, and has opened its first workflow (a graph built before that would be replaced)
+READY = (
+    "!!(window.app && window.app.graph && window.LiteGraph && window.app.extensions?.length && "
+    "window.app.api?.clientId && window.app.extensionManager?.workflow?.activeWorkflow)"
+)
+
+
+async def ready(page: Page) -> None:
+    """Wait until ComfyUI's front end is up, connected, and has opened its first workflow."""
+    await page.wait_for(READY, timeout=120)
+    await asyncio.sleep(1.0)  # let the first workflow finish loading into the canvas

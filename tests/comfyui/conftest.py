@@ -123,3 +123,17 @@ def comfy(comfyui_path, comfy_base):
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def opened(comfy):
+    """Every example workflow loaded once in ComfyUI's real front end (headless Chromium): what it shows and
+    the API prompt the front end converts it to (skips without a chromium binary or aiohttp)."""
+    import importlib.util
+
+    from tests.comfyui.browser import chromium_binary
+    from tests.comfyui.workflows import open_in_front_end
+
+    if chromium_binary() is None or importlib.util.find_spec("aiohttp") is None:
+        pytest.skip("needs a chromium binary and aiohttp to drive ComfyUI's front end headless")
+    return open_in_front_end(comfy)

@@ -1,36 +1,23 @@
-"""The js extension in ComfyUI's real front end (headless Chromium): it registers, the R-FaceSim node gets
-its badge from a real execution's UI output, and (when the Train node exists) progress events feed the chart."""
+"""ComfyUI's real front end (headless Chromium): the js extension registers, the R-FaceSim node gets its badge
+from a real execution's UI output, progress events feed the Train chart; every example workflow opens with each
+widget value on its widget, readable and without overlaps, converts to a prompt whose only validation errors
+are missing model files, and runs on the tiny FLUX; a fresh Train node's seed stays fixed."""
 
 from __future__ import annotations
 
 import asyncio
 import importlib.util
-import json
-import os
 import uuid
-from pathlib import Path
 
 import pytest
 
-from tests.comfyui.browser import chromium_binary, open_page
+from tests.comfyui.browser import chromium_binary, open_page, ready
 from tests.comfyui.harness import node
 
 pytestmark = pytest.mark.skipif(
     chromium_binary() is None or importlib.util.find_spec("aiohttp") is None,
     reason="needs a chromium binary and aiohttp to drive ComfyUI's front end headless",
 )
-
-# the app is up, connected, and has opened its first workflow (a graph built before that would be replaced)
-READY = (
-    "!!(window.app && window.app.graph && window.LiteGraph && window.app.extensions?.length && "
-    "window.app.api?.clientId && window.app.extensionManager?.workflow?.activeWorkflow)"
-)
-
-
-async def ready(page) -> None:
-    await page.wait_for(READY, timeout=120)
-    await asyncio.sleep(1.0)  # let the first workflow finish loading into the canvas
-
 
 RECORD_DRAW = """
 (node) => {
@@ -103,56 +90,6 @@ def test_extension_badge_and_chart_in_the_real_front_end(comfy):
 # Screen pixels the front end covers with its own chrome at 1600x900: the left tool bar, the tab bar and the
 # floating graph tool bar / Run button row. A node a user must see lies inside the rest.
 VISIBLE = (60, 90, 1590, 890)
-
-LOAD_AND_DUMP = """
-async (wf, name) => {
-  await window.app.loadGraphData(wf, true, true, name);
-  await new Promise(r => setTimeout(r, 500));
-  const app = window.app, c = app.canvas;
-  const nodes = app.graph._nodes.map(n => {
-    const ser = n.serialize();
-    return {id: n.id, type: n.type, title: n.title, mode: n.mode, bound: Array.from(n.getBounding()),
-            widgets: (n.widgets || []).map(w => [w.name, w.value]),
-            serialized: ser.widgets_values ?? [],
-            linked_inputs: (n.inputs || []).filter(i => i.link != null).map(i => i.name)};
-  });
-  const groups = app.graph._groups.map(g => ({title: g.title, bound: Array.from(g._bounding)}));
-  const prompt = await app.graphToPrompt();
-  const threshold = app.ui.settings.getSettingValue("LiteGraph.Canvas.LowQualityRenderingZoomThreshold") ?? 0.6;
-  return {ds: {scale: c.ds.scale, offset: Array.from(c.ds.offset)}, nodes, groups, threshold,
-          prompt: prompt.output};
-}
-"""
-
-
-@pytest.fixture(scope="module")
-def opened(comfy):
-    """Every example workflow loaded in the real front end: what it shows and the prompt it converts to.
-
-    Set METALORA_SCREENSHOTS=<folder> to keep a PNG of each as a user sees it (1600x900)."""
-    from tests.comfyui.workflows import ALL, workflow
-
-    shots = os.environ.get("METALORA_SCREENSHOTS")
-    comfy.post("/settings/Comfy.TutorialCompleted", True)  # no first-visit template dialog over the graph
-
-    async def body(page):
-        await ready(page)
-        out = {}
-        for name in ALL:
-            out[name] = await page.evaluate(
-                f"({LOAD_AND_DUMP})({json.dumps(workflow(name))}, {json.dumps(name)})"
-            )
-            if shots:
-                await asyncio.sleep(1.0)
-                await page.screenshot(Path(shots) / f"{name}.png")
-        fresh = await page.evaluate(
-            "(() => { const n = LiteGraph.createNode('MetaLoRATrainIdentity');"
-            " return n.widgets.map(w => ({name: w.name, value: w.value, label: w.label,"
-            " options: w.options?.values ?? null})); })()"
-        )
-        return {"workflows": out, "fresh_train": fresh, "errors": page.errors}
-
-    return asyncio.run(open_page(comfy.url + "/", body))
 
 
 def test_a_fresh_train_node_keeps_its_seed_fixed(opened):

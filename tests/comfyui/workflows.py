@@ -6,7 +6,10 @@ ComfyUI titles a pack's templates with their file names, so the names are the ti
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+from pathlib import Path
 
 from tests.comfyui.harness import REPO
 
@@ -158,3 +161,53 @@ def on_tiny_flux(prompt: dict, tag: str) -> dict:
             changes = {"filename": f"{inputs['filename']}_{tag}"}
         out[node_id] = {**entry, "inputs": {**inputs, **changes}}
     return out
+
+
+LOAD_AND_DUMP = """
+async (wf, name) => {
+  await window.app.loadGraphData(wf, true, true, name);
+  await new Promise(r => setTimeout(r, 500));
+  const app = window.app, c = app.canvas;
+  const nodes = app.graph._nodes.map(n => {
+    const ser = n.serialize();
+    return {id: n.id, type: n.type, title: n.title, mode: n.mode, bound: Array.from(n.getBounding()),
+            widgets: (n.widgets || []).map(w => [w.name, w.value]),
+            serialized: ser.widgets_values ?? [],
+            linked_inputs: (n.inputs || []).filter(i => i.link != null).map(i => i.name)};
+  });
+  const groups = app.graph._groups.map(g => ({title: g.title, bound: Array.from(g._bounding)}));
+  const prompt = await app.graphToPrompt();
+  const threshold = app.ui.settings.getSettingValue("LiteGraph.Canvas.LowQualityRenderingZoomThreshold") ?? 0.6;
+  return {ds: {scale: c.ds.scale, offset: Array.from(c.ds.offset)}, nodes, groups, threshold,
+          prompt: prompt.output};
+}
+"""
+
+
+def open_in_front_end(comfy) -> dict:
+    """Every example workflow loaded in the real front end: what it shows and the prompt it converts to.
+
+    Set METALORA_SCREENSHOTS=<folder> to keep a PNG of each as a user sees it (1600x900)."""
+    from tests.comfyui.browser import open_page, ready
+
+    shots = os.environ.get("METALORA_SCREENSHOTS")
+    comfy.post("/settings/Comfy.TutorialCompleted", True)  # no first-visit template dialog over the graph
+
+    async def body(page):
+        await ready(page)
+        out = {}
+        for name in ALL:
+            out[name] = await page.evaluate(
+                f"({LOAD_AND_DUMP})({json.dumps(workflow(name))}, {json.dumps(name)})"
+            )
+            if shots:
+                await asyncio.sleep(1.0)
+                await page.screenshot(Path(shots) / f"{name}.png")
+        fresh = await page.evaluate(
+            "(() => { const n = LiteGraph.createNode('MetaLoRATrainIdentity');"
+            " return n.widgets.map(w => ({name: w.name, value: w.value, label: w.label,"
+            " options: w.options?.values ?? null})); })()"
+        )
+        return {"workflows": out, "fresh_train": fresh, "errors": page.errors}
+
+    return asyncio.run(open_page(comfy.url + "/", body))
