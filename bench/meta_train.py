@@ -48,7 +48,11 @@ def run(nproc: int, args, assets: dict[str, Path], out: Path) -> dict:
         "--identities-per-batch", str(args.batch), "--steps", str(args.steps), "--warmup", "2",
         "--rank-mid", "8", "--device", args.device, "--quiet",
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
     if done.returncode != 0:
         raise SystemExit(f"meta-train with {nproc} process(es) failed:\n{done.stderr[-3000:]}")

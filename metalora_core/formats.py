@@ -35,7 +35,17 @@ MID_SUFFIX = ".lom.weight"
 UP_SUFFIX = ".lou.weight"
 
 
-@dataclass
+def _short(kind: str, obj: LoMD | IdentityAdapter, extra: list[str]) -> str:
+    """One line naming what an adapter object is (never its tensors: ComfyUI prints inputs with ``str`` in its
+    error reports, and a FLUX.1-dev LoMD or identity printed in full would be gigabytes of text)."""
+    parts = [f"{len(obj.targets)} layers", f"rank_down {obj.shape.rank_down}", *extra]
+    if obj.hidden_size:
+        parts.append(f"hidden {obj.hidden_size}")
+    parts += [f"fingerprint {obj.fingerprint}", f"from {obj.source}"]
+    return f"{kind}({', '.join(parts)})"
+
+
+@dataclass(repr=False)
 class LoMD:
     """The shared Meta-Down: one ``rank_down x in`` matrix per canonical target."""
 
@@ -59,8 +69,11 @@ class LoMD:
         """``meta-trained``, ``distilled``, ``seeded``, ``random`` or ``unknown`` (a file from elsewhere)."""
         return self.metadata.get(SOURCE_KEY) or UNKNOWN_SOURCE
 
+    def __repr__(self) -> str:
+        return _short("LoMD", self, [f"{self.origin}"])
 
-@dataclass
+
+@dataclass(repr=False)
 class IdentityAdapter:
     """Per-identity Mid (``rank_mid x rank_down``) and Up (``out x rank_mid``) per canonical target."""
 
@@ -91,6 +104,11 @@ class IdentityAdapter:
                 **{k + UP_SUFFIX: v for k, v in self.ups.items()},
             }
         )
+
+    def __repr__(self) -> str:
+        lomd = f"for LoMD {self.lomd_fingerprint or 'unknown'} ({self.lomd_origin})"
+        extra = [f"rank_mid {self.shape.rank_mid}", lomd]
+        return _short("MetaLoRA identity", self, extra)
 
 
 # --- writing -------------------------------------------------------------------------------------------

@@ -131,7 +131,10 @@ class MetaLoRATrainIdentity(io.ComfyNode):
                     default=0,
                     min=0,
                     max=2**31 - 1,
-                    tooltip="Seed of the augmentations, timesteps, noise and Mid init: same seed, same identity.",
+                    # fixed, not the front end's default 'randomize': a new seed per queue would retrain
+                    control_after_generate=io.ControlAfterGenerate.fixed,
+                    tooltip="Seed of the augmentations, timesteps, noise and Mid init: same seed, same identity. "
+                    "Stays fixed after each run, so queueing again reuses the trained identity.",
                 ),
                 io.Int.Input(
                     "resolution",

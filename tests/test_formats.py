@@ -225,3 +225,15 @@ def test_identity_from_another_model_size_names_layer_and_shapes(assets):
         check_identity_fits(adapter, fused_shapes(dims), "flux1-dev.safetensors")
     with pytest.raises(MetaLoRAError, match=message):
         make_heads(dims, lomd, adapter, force=True)
+
+
+def test_lomd_and_identity_print_as_one_short_line(assets):
+    """ComfyUI's error report shows node inputs with ``str``: a LoMD or identity must never print tensors."""
+    lomd, adapter = load_lomd(assets["lomd"]), load_identity(assets["adapter"])
+    lomd.metadata["lomd_source"] = adapter.metadata["lomd_source"] = "seeded"
+    for obj in (lomd, adapter):
+        assert str(obj) == repr(obj) and "\n" not in str(obj) and len(str(obj)) < 300
+        assert "tensor(" not in str(obj) and obj.fingerprint in str(obj) and str(obj.source) in str(obj)
+    assert str(lomd).startswith(f"LoMD({len(lomd.targets)} layers, rank_down 4, seeded,")
+    assert f"rank_mid {adapter.shape.rank_mid}" in str(adapter)
+    assert f"for LoMD {lomd.fingerprint} (seeded)" in str(adapter)

@@ -28,6 +28,7 @@ from ...metalora_core.adapter import IdentityHead
 from ...metalora_core.errors import MetaLoRAError
 from ...metalora_core.targets import FluxDims
 from ...metalora_core.training.protocol import TextConditioning
+from .attention import with_training_attention
 from .patches import replacements
 
 
@@ -171,7 +172,7 @@ class ComfyFluxBackend:
                 (b,), 1.0 if guidance is None else float(guidance), device=self.device, dtype=self.dtype
             )
         patcher = self._active if self._active is not None else self.patcher
-        options = dict(patcher.model_options.get("transformer_options", {}))
+        options = with_training_attention(patcher.model_options.get("transformer_options", {}))
         t = t.to(self.device, torch.float32).reshape(b)
         options.update({"sigmas": t, "cond_or_uncond": [0]})
         return self.diffusion_model(

@@ -55,6 +55,14 @@ class Page:
             raise RuntimeError(json.dumps(result["exceptionDetails"])[:2000])
         return result["result"].get("value")
 
+    async def screenshot(self, path) -> None:
+        """Save what the page shows now as a PNG (for looking at workflows as a user sees them)."""
+        import base64
+        from pathlib import Path
+
+        shot = await self._call("Page.captureScreenshot", format="png")
+        Path(path).write_bytes(base64.b64decode(shot["data"]))
+
     async def wait_for(self, expression: str, timeout: float = 60.0):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -65,7 +73,10 @@ class Page:
         raise TimeoutError(f"not true within {timeout} s: {expression}")
 
 
-async def open_page(url: str, body) -> object:
+VIEWPORT = (1600, 900)  # a laptop's browser window: workflows must open readable in it
+
+
+async def open_page(url: str, body, viewport: tuple[int, int] = VIEWPORT) -> object:
     """Start Chromium, open ``url``, run ``await body(page)``, always stop the browser; returns body's value."""
     import aiohttp
 
@@ -78,6 +89,10 @@ async def open_page(url: str, body) -> object:
             "--no-sandbox",
             "--disable-gpu",
             "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--window-size={viewport[0]},{viewport[1]}",
             f"--remote-debugging-port={port}",
             f"--user-data-dir={profile}",
             "about:blank",
@@ -101,6 +116,13 @@ async def open_page(url: str, body) -> object:
             page = Page(ws, asyncio.get_running_loop())
             await page._call("Runtime.enable")
             await page._call("Page.enable")
+            await page._call(
+                "Emulation.setDeviceMetricsOverride",
+                width=viewport[0],
+                height=viewport[1],
+                deviceScaleFactor=1,
+                mobile=False,
+            )
             await page._call("Page.navigate", url=url)
             return await body(page)
     finally:
@@ -110,3 +132,16 @@ async def open_page(url: str, body) -> object:
         except subprocess.TimeoutExpired:
             proc.kill()
         shutil.rmtree(profile, ignore_errors=True)
+
+
+# the app is up, connected, and has opened its first workflow (a graph built before that would be replaced)
+READY = (
+    "!!(window.app && window.app.graph && window.LiteGraph && window.app.extensions?.length && "
+    "window.app.api?.clientId && window.app.extensionManager?.workflow?.activeWorkflow)"
+)
+
+
+async def ready(page: Page) -> None:
+    """Wait until ComfyUI's front end is up, connected, and has opened its first workflow."""
+    await page.wait_for(READY, timeout=120)
+    await asyncio.sleep(1.0)  # let the first workflow finish loading into the canvas

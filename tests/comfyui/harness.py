@@ -22,6 +22,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 TEST_NODES = Path(__file__).resolve().parent / "test_nodes"
+# test-only sitecustomize that lets CUDA torchvision/torchaudio wheels import next to CPU torch (see its doc)
+CPU_TORCHVISION_HOOK = Path(__file__).resolve().parent / "cpu_torchvision"
 PACK_NAME = "metalora"  # folder name of the pack inside custom_nodes/
 START_TIMEOUT_S = 600.0  # generous: ComfyUI start-up on two busy cores
 
@@ -42,6 +44,27 @@ def link_pack(base: Path) -> None:
             link.symlink_to(target, target_is_directory=True)
 
 
+def gguf_nodes_path() -> Path | None:
+    """city96's ComfyUI-GGUF checkout named by COMFYUI_GGUF_PATH (the loader most FLUX users run), if any."""
+    path = os.environ.get("COMFYUI_GGUF_PATH")
+    return Path(path) if path else None
+
+
+def install_gguf_nodes(base: Path) -> bool:
+    """Copy ComfyUI-GGUF into ``custom_nodes/`` (a copy: the checkout stays untouched, no __pycache__ in it)."""
+    import shutil
+
+    source = gguf_nodes_path()
+    if source is None:
+        return False
+    if not (source / "nodes.py").is_file():
+        raise FileNotFoundError(f"COMFYUI_GGUF_PATH={source} is not a ComfyUI-GGUF checkout (no nodes.py)")
+    target = base / "custom_nodes" / "ComfyUI-GGUF"
+    if not target.exists():
+        shutil.copytree(source, target, ignore=shutil.ignore_patterns(".git", "__pycache__"))
+    return True
+
+
 def build_base_dir(base: Path) -> Path:
     """An empty ComfyUI base folder with the pack linked in; callers add model files under ``models/``."""
     for sub in (
@@ -55,6 +78,7 @@ def build_base_dir(base: Path) -> Path:
     ):
         (base / sub).mkdir(parents=True, exist_ok=True)
     link_pack(base)
+    install_gguf_nodes(base)
     return base
 
 
@@ -128,6 +152,9 @@ class ComfyServer:
             *self.extra_args,
         ]
         env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(CPU_TORCHVISION_HOOK), env.get("PYTHONPATH", "")) if p
+        )
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             cmd,

@@ -4,6 +4,7 @@ and a LoMD that does not fit fails with a node error naming layer and shapes."""
 
 from __future__ import annotations
 
+import json
 import uuid
 
 import torch
@@ -69,6 +70,11 @@ def test_exported_lora_through_stock_loader_equals_apply(comfy, comfy_base):
     # exporting again under the same name is refused (no silent overwrite)
     again = comfy.run(export_graph(name, 0.5, "bf16"))
     assert again.status == "error" and "already exists" in again.error["exception_message"]
+    # the error report lists the node's inputs as text: one short line per LoMD/identity, never tensors
+    shown = again.error["current_inputs"]
+    assert shown["lomd"][0].startswith("LoMD(20 layers, rank_down 4, ") and len(shown["lomd"][0]) < 300, shown
+    assert shown["identity"][0].startswith("MetaLoRA identity(") and len(shown["identity"][0]) < 300, shown
+    assert "tensor(" not in json.dumps(shown)
 
 
 def test_stacking_and_negative_strength(comfy, comfy_base):

@@ -1,22 +1,23 @@
-"""The js extension in ComfyUI's real front end (headless Chromium): it registers, the R-FaceSim node gets
-its badge from a real execution's UI output, and (when the Train node exists) progress events feed the chart."""
+"""ComfyUI's real front end (headless Chromium): the js extension registers, the R-FaceSim node gets its badge
+from a real execution's UI output, progress events feed the Train chart; every example workflow opens with each
+widget value on its widget, readable and without overlaps, converts to a prompt whose only validation errors
+are missing model files, and runs on the tiny FLUX; a fresh Train node's seed stays fixed."""
 
 from __future__ import annotations
 
 import asyncio
 import importlib.util
+import uuid
 
 import pytest
 
-from tests.comfyui.browser import chromium_binary, open_page
+from tests.comfyui.browser import chromium_binary, open_page, ready
 from tests.comfyui.harness import node
 
 pytestmark = pytest.mark.skipif(
     chromium_binary() is None or importlib.util.find_spec("aiohttp") is None,
     reason="needs a chromium binary and aiohttp to drive ComfyUI's front end headless",
 )
-
-READY = "!!(window.app && window.app.graph && window.LiteGraph && window.app.extensions?.length && window.app.api?.clientId)"
 
 RECORD_DRAW = """
 (node) => {
@@ -35,7 +36,7 @@ RECORD_DRAW = """
 
 def test_extension_badge_and_chart_in_the_real_front_end(comfy):
     async def body(page):
-        await page.wait_for(READY, timeout=120)
+        await ready(page)
         names = await page.evaluate("window.app.extensions.map(e => e.name)")
         assert "metalora.ui" in names
         node_id = await page.evaluate(
@@ -82,3 +83,106 @@ def test_extension_badge_and_chart_in_the_real_front_end(comfy):
         assert asyncio.run(open_page(comfy.url + "/", body))
     finally:
         comfy.client_id = original
+
+
+# --- the example workflows as a user opens them -------------------------------------------------------------
+
+# Screen pixels the front end covers with its own chrome at 1600x900: the left tool bar, the tab bar and the
+# floating graph tool bar / Run button row. A node a user must see lies inside the rest.
+VISIBLE = (60, 90, 1590, 890)
+
+
+def test_a_fresh_train_node_keeps_its_seed_fixed(opened):
+    widgets = opened["fresh_train"]
+    names = [w["name"] for w in widgets]
+    control = widgets[names.index("seed") + 1]  # the widget the front end adds after the seed
+    assert control["label"] == "control after generate" and "randomize" in control["options"]
+    assert control["value"] == "fixed"  # randomize would draw a new seed, and so retrain, on every Run
+
+
+@pytest.mark.parametrize("name", ["personalize", "score", "export"])
+def test_workflow_widget_values_land_on_their_widgets(opened, comfy, name):
+    from tests.comfyui.workflows import widget_values_problems, workflow
+
+    title = _title(name)
+    info = comfy.object_info()
+    file_nodes = {str(n["id"]): n for n in workflow(title)["nodes"]}
+    problems = []
+    for loaded in opened["workflows"][title]["nodes"]:
+        if loaded["type"] not in info:
+            continue  # front-end-only nodes (notes)
+        loaded["file_values"] = file_nodes[str(loaded["id"])].get("widgets_values", [])
+        problems += widget_values_problems(loaded, info[loaded["type"]])
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("name", ["personalize", "score", "export"])
+def test_workflow_opens_readable_without_overlaps(opened, name):
+    view = opened["workflows"][_title(name)]
+    scale, (ox, oy) = view["ds"]["scale"], view["ds"]["offset"]
+    assert scale >= view["threshold"] + 0.05, "at this zoom the front end does not draw node text"
+
+    def screen(b):
+        return (
+            (b[0] + ox) * scale,
+            (b[1] + oy) * scale,
+            (b[0] + b[2] + ox) * scale,
+            (b[1] + b[3] + oy) * scale,
+        )
+
+    nodes = view["nodes"]
+    for n in nodes:
+        x0, y0, x1, y1 = screen(n["bound"])
+        inside = x0 >= VISIBLE[0] and y0 >= VISIBLE[1] and x1 <= VISIBLE[2] and y1 <= VISIBLE[3]
+        assert inside, (
+            f"{n['title']} (node {n['id']}) is not in view when the workflow opens: {(x0, y0, x1, y1)}"
+        )
+    for i, a in enumerate(nodes):
+        for b in nodes[i + 1 :]:
+            assert not _overlap(a["bound"], b["bound"]), f"{a['title']} overlaps {b['title']}"
+    for g in view["groups"]:
+        gx, gy, gw, gh = g["bound"]
+        for n in nodes:
+            if _overlap(g["bound"], n["bound"]):  # a node in a group lies inside it, below its title
+                x, y, w, h = n["bound"]
+                assert gx <= x and gy + 40 <= y and x + w <= gx + gw and y + h <= gy + gh, (
+                    g["title"],
+                    n["title"],
+                )
+
+
+@pytest.mark.parametrize("name", ["personalize", "score", "export"])
+def test_workflow_queues_with_only_missing_model_errors(opened, comfy, name):
+    from tests.comfyui.harness import ComfyError
+    from tests.comfyui.workflows import missing_file_errors_only
+
+    prompt = opened["workflows"][_title(name)]["prompt"]
+    with pytest.raises(ComfyError) as refused:  # this server has none of the FLUX.1-dev files
+        comfy.queue(prompt)
+    assert not missing_file_errors_only(refused.value.payload), refused.value.payload
+
+
+@pytest.mark.parametrize("name", ["personalize", "score", "export"])
+def test_workflow_runs_on_the_tiny_flux(opened, comfy, comfy_base, name):
+    from tests.comfyui.workflows import on_tiny_flux
+
+    prompt = opened["workflows"][_title(name)]["prompt"]
+    tag = uuid.uuid4().hex[:8]
+    result = comfy.run(on_tiny_flux(prompt, tag), timeout=900)
+    assert result.status == "success", (result.error or {}).get("exception_message")
+    kinds = {prompt[i]["class_type"] for i in result.outputs}
+    assert {"SaveImage", "MetaLoRASaveIdentity", "MetaLoRAExportLoRA"} & kinds, result.outputs
+    if name == "personalize":
+        assert (comfy_base / "models" / "metalora" / f"ohwx_identity_{tag}.safetensors").is_file()
+    if name == "export":
+        assert (comfy_base / "models" / "loras" / f"metalora_identity_{tag}.safetensors").is_file()
+
+
+def _title(name: str) -> str:
+    from tests.comfyui import workflows
+
+    return {"personalize": workflows.PERSONALIZE, "score": workflows.SCORE, "export": workflows.EXPORT}[name]
+
+
+def _overlap(a, b) -> bool:
+    return a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[3] and b[1] < a[1] + a[3]

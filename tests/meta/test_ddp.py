@@ -82,7 +82,13 @@ def test_two_processes_match_each_other_and_one_process(meta_assets, meta_backen
     config = dict(steps=3, checkpoint_every=3, checkpoint_path=str(ckpt), **FAST)
     paths = {k: str(v) for k, v in meta_assets.items()}
     worker = Path(__file__).with_name("ddp_worker.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(
+            filter(None, [str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH")])
+        ),
+    }
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
         "--master_port", str(_free_port()), str(worker), json.dumps(paths), json.dumps(config), str(tmp_path), "cuda:gloo",

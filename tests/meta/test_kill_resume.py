@@ -35,7 +35,13 @@ def test_resume_after_sigkill(meta_assets, tmp_path):
     args += ["--warmup", "1", "--rank-mid", "4", "--cache-dir", str(tmp_path / "cache"), "--quiet"]
     killed = tmp_path / "killed.safetensors"
     ckpt = killed.with_suffix(".ckpt.safetensors")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(
+            filter(None, [str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH")])
+        ),
+    }
     cmd = [sys.executable, "-m", "metalora_core", *args, "--out", str(killed), "--steps", "500"]
     proc = subprocess.Popen([*cmd, "--checkpoint-every", "2"], env=env, stderr=subprocess.PIPE)
     try:

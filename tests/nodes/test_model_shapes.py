@@ -6,11 +6,16 @@ import torch
 
 
 class _Patcher:
-    def __init__(self, sd):
-        self.sd = sd
+    """A ModelPatcher as ComfyUI-GGUF leaves it: real parameters on ``.model``, but a state dict of meta
+    placeholders with the packed byte shape (what ComfyUI-GGUF's ``ggml_save_to_state_dict`` writes)."""
+
+    def __init__(self, params):
+        self.model = torch.nn.Module()
+        self.params = params
+        self.model.named_parameters = lambda: iter(params.items())
 
     def model_state_dict(self):
-        return self.sd
+        return {k: torch.zeros_like(v, device="meta") for k, v in self.params.items()}
 
 
 def test_gguf_tensor_shape_wins_over_the_packed_bytes(pack_module):

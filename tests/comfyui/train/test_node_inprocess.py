@@ -16,6 +16,7 @@ import torch
 from metalora_core.adapter import AdapterShape
 from metalora_core.dev.random_assets import random_lomd
 from metalora_core.formats import IdentityAdapter
+from tests.comfyui.workflows import PERSONALIZE
 
 
 class PatchVAE:
@@ -154,19 +155,24 @@ def test_bad_inputs_are_named(node, flux32, inputs, server, override, match):
 
 
 def test_example_workflow_matches_the_node(node):
-    """The example's Train Identity widgets are the node's widget inputs, in order, at their defaults."""
+    """The example's Train Identity widgets are the node's widget inputs, in order, at their defaults (with the
+    front end's control_after_generate value right after each input that declares one)."""
     import json
     from pathlib import Path
 
-    path = (
-        Path(__file__).resolve().parents[3] / "example_workflows" / "personalize_and_generate_flux1_dev.json"
-    )
+    path = Path(__file__).resolve().parents[3] / "example_workflows" / f"{PERSONALIZE}.json"
     workflow = json.loads(path.read_text())
     (train,) = [n for n in workflow["nodes"] if n["type"] == "MetaLoRATrainIdentity"]
     schema = node.define_schema()
     widgets = [i for i in schema.inputs if i.get_io_type() in ("INT", "FLOAT", "BOOLEAN", "COMBO")]
-    assert [i.default for i in widgets] == train["widgets_values"]
+    expected = []
+    for i in widgets:
+        expected.append(i.default)
+        if getattr(i, "control_after_generate", None):
+            expected.append(str(i.control_after_generate.value))
+    assert "fixed" in expected  # the seed keeps its value between runs (a new seed would retrain)
+    assert expected == train["widgets_values"]
     sockets = {i.id for i in schema.inputs} - {i.id for i in widgets}
     linked = {i["name"] for i in train["inputs"] if i["link"] is not None}
     assert sockets <= linked  # every socket input is wired
-    assert Path(path.with_suffix(".jpg")).stat().st_size < 50_000
+    assert path.with_suffix(".jpg").stat().st_size < 50_000
