@@ -102,10 +102,10 @@ class _ThreadGroup:
             self.calls += 1
         return total
 
-    def all_reduce(self, tensor: torch.Tensor, op=None) -> None:
+    def all_reduce(self, tensor: torch.Tensor, op=None, group=None) -> None:
         tensor.copy_(self._sum(tensor))
 
-    def reduce(self, tensor: torch.Tensor, dst: int = 0, op=None) -> None:
+    def reduce(self, tensor: torch.Tensor, dst: int = 0, op=None, group=None) -> None:
         total = self._sum(tensor)
         if self.local.rank == dst:
             tensor.copy_(total)
