@@ -5,6 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 
 from .apply import MetaLoRAApply
+from .compose import NODES as COMPOSE_NODES
 from .export import MetaLoRAExportLoRA
 from .faces import MetaLoRAFaceCrop, MetaLoRAFaceSimilarity
 from .files import MetaLoRALoadIdentity, MetaLoRALoadLoMD, MetaLoRASaveIdentity
@@ -20,6 +21,7 @@ NODES: list[type[io.ComfyNode]] = [
     MetaLoRAExportLoRA,
     MetaLoRAFaceCrop,
     MetaLoRAFaceSimilarity,
+    *COMPOSE_NODES,
 ]
 
 
