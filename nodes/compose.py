@@ -59,7 +59,9 @@ class MetaLoRAAdapterIdentity(io.ComfyNode):
                 IdentityType.Input("identity", tooltip="The identity adapter (from Train or Load Identity)."),
                 *_list_inputs(),
             ],
-            outputs=[AdaptersType.Output(display_name="adapters", tooltip="The list with this identity added.")],
+            outputs=[
+                AdaptersType.Output(display_name="adapters", tooltip="The list with this identity added.")
+            ],
         )
 
     @classmethod
@@ -115,7 +117,9 @@ def _compose_schema(
             ),
             *extra,
         ],
-        outputs=[io.Model.Output(display_name="model", tooltip="A copy of the model; the input is unchanged.")],
+        outputs=[
+            io.Model.Output(display_name="model", tooltip="A copy of the model; the input is unchanged.")
+        ],
     )
 
 

@@ -45,7 +45,9 @@ def split_patch_key(key) -> tuple[str, Offset]:
     if isinstance(key, str):
         return key, None
     if len(key) > 2 and key[2] is not None:
-        raise MetaLoRAError(f"layer {key[0]}: a LoRA patch with a transform function cannot run in bypass mode")
+        raise MetaLoRAError(
+            f"layer {key[0]}: a LoRA patch with a transform function cannot run in bypass mode"
+        )
     return key[0], tuple(key[1]) if key[1] is not None else None
 
 
@@ -61,7 +63,9 @@ class MultiBypassHook:
 
     def add(self, index: int, adapter: WeightAdapterBase, offset: Offset) -> None:
         if offset is not None and offset[0] != 0:
-            raise MetaLoRAError(f"a bypass patch slices dimension {offset[0]}; only output rows (0) are supported")
+            raise MetaLoRAError(
+                f"a bypass patch slices dimension {offset[0]}; only output rows (0) are supported"
+            )
         adapter.is_conv, adapter.conv_dim, adapter.kw_dict = False, 0, {}  # what ComfyUI's hook sets
         self.entries.append((index, adapter, offset))
 
@@ -77,7 +81,9 @@ class MultiBypassHook:
                 out = out + h
             else:
                 _, start, size = offset
-                out = torch.cat([out[..., :start], out[..., start : start + size] + h, out[..., start + size :]], -1)
+                out = torch.cat(
+                    [out[..., :start], out[..., start : start + size] + h, out[..., start + size :]], -1
+                )
         return out
 
     def inject(self) -> None:
@@ -115,7 +121,11 @@ def bypass_injection(
                     f"{names[index]}: layer {weight_key} is a full weight difference, not a low-rank "
                     "adapter; switch and composite run adapters in bypass mode. Use Compose (Merge) for it."
                 )
-            if getattr(patch, "weights", None) is not None and len(patch.weights) > 4 and patch.weights[4] is not None:
+            if (
+                getattr(patch, "weights", None) is not None
+                and len(patch.weights) > 4
+                and patch.weights[4] is not None
+            ):
                 raise MetaLoRAError(f"{names[index]}: layer {weight_key} is DoRA; use Compose (Merge) for it")
             name = _module_name(weight_key)
             if name not in hooks:

@@ -41,7 +41,9 @@ class AdapterSpec:
 
 def identity_patches(model, spec: AdapterSpec) -> dict:
     check_fits(spec.lomd, spec.identity, model_shapes(model), model_name=f"the MODEL (for {spec.label})")
-    return {key: MetaLoRAWeightAdapter({key}, w) for key, w in patch_tensors(spec.lomd, spec.identity).items()}
+    return {
+        key: MetaLoRAWeightAdapter({key}, w) for key, w in patch_tensors(spec.lomd, spec.identity).items()
+    }
 
 
 def lora_patches(model, spec: AdapterSpec) -> dict:
@@ -95,7 +97,9 @@ def sampling_wrapper(composition: Composition, state: PassState):
             for multipliers, share in plan(composition, step):
                 model_management.throw_exception_if_processing_interrupted()
                 state.set(multipliers)
-                predictions.append(executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs))
+                predictions.append(
+                    executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+                )
                 shares.append(share)
         finally:
             state.clear()  # outside a sampler the MODEL is the base model

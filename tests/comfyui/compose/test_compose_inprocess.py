@@ -63,8 +63,20 @@ def _sample(comfy, model, steps, latent=None, noise=None, start=None, last=None,
     cond = _cond()
     with torch.inference_mode():
         return comfy.sample.sample(
-            model, noise, steps, 1.0, "euler", "simple", cond, cond, latent, start_step=start,
-            last_step=last, force_full_denoise=full, disable_pbar=True, seed=7,
+            model,
+            noise,
+            steps,
+            1.0,
+            "euler",
+            "simple",
+            cond,
+            cond,
+            latent,
+            start_step=start,
+            last_step=last,
+            force_full_denoise=full,
+            disable_pbar=True,
+            seed=7,
         ).double()
 
 
