@@ -168,6 +168,11 @@ def _fused_shape(dims: FluxDims, layer: str) -> tuple[int, int]:
     return table[layer]
 
 
+def layer_shape(dims: FluxDims, name: str) -> tuple[int, int]:
+    """The fused ``(out, in)`` shape of one canonical layer (``double_blocks.3.img_attn.qkv``)."""
+    return _fused_shape(dims, split_layer_name(name)[2])
+
+
 def resolve_targets(dims: FluxDims, preset: str | Iterable[str] = DEFAULT_PRESET) -> list[Target]:
     """The canonical targets of a preset, or of an explicit list of names / regular expressions."""
     if isinstance(preset, str) and preset in PRESETS:
@@ -234,19 +239,35 @@ def diffusers_pieces(name: str, dims: FluxDims) -> list[tuple[str, slice | None]
     return pieces
 
 
-def canonical_from_diffusers(module: str) -> tuple[str, int] | None:
-    """Inverse of :func:`diffusers_pieces` for one diffusers module: (canonical name, piece index)."""
+def _find_diffusers(text: str, sep: str) -> tuple[str, int] | None:
+    """(canonical name, piece index) of a diffusers module written with ``sep`` between its parts."""
     for kind, dkind, table in (
         ("double_blocks", "transformer_blocks", _DOUBLE_TO_DIFFUSERS),
         ("single_blocks", "single_transformer_blocks", _SINGLE_TO_DIFFUSERS),
     ):
-        m = re.fullmatch(rf"{dkind}\.(\d+)\.(.+)", module)
+        m = re.fullmatch(rf"{dkind}{re.escape(sep)}(\d+){re.escape(sep)}(.+)", text)
         if not m:
             continue
         for layer, modules in table.items():
-            if m.group(2) in modules:
-                return f"{kind}.{m.group(1)}.{layer}", modules.index(m.group(2))
+            names = [module.replace(".", sep) for module in modules]
+            if m.group(2) in names:
+                return f"{kind}.{m.group(1)}.{layer}", names.index(m.group(2))
     return None
+
+
+def canonical_from_diffusers(module: str) -> tuple[str, int] | None:
+    """Inverse of :func:`diffusers_pieces` for one diffusers module: (canonical name, piece index)."""
+    return _find_diffusers(module, ".")
+
+
+def canonical_from_kohya_diffusers(prefix: str) -> tuple[str, int] | None:
+    """kohya-style names built from diffusers modules (``lora_transformer_single_transformer_blocks_0_attn_to_q``).
+
+    Some trainers write these; underscores are ambiguous, so match against the known diffusers module set.
+    Returns (canonical name, piece index) like :func:`canonical_from_diffusers`.
+    """
+    head = "lora_transformer_"
+    return _find_diffusers(prefix[len(head) :], "_") if prefix.startswith(head) else None
 
 
 def kohya_name(name: str) -> str:
