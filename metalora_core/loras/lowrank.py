@@ -61,7 +61,9 @@ def factored_svd(up: torch.Tensor, down: torch.Tensor) -> FactoredSVD:
     return FactoredSVD(qu @ a, s, (qd @ bt.T).T)
 
 
-def dense_svd(delta: torch.Tensor, rank: int | None = None, oversample: int = 16, niter: int = 4) -> FactoredSVD:
+def dense_svd(
+    delta: torch.Tensor, rank: int | None = None, oversample: int = 16, niter: int = 4
+) -> FactoredSVD:
     """SVD of a dense change: exact (``rank`` None) or randomized to ``rank`` (+ ``oversample``) components.
 
     Randomized: ``torch.svd_lowrank`` with ``niter`` power iterations, exact to float rounding whenever the
@@ -73,9 +75,13 @@ def dense_svd(delta: torch.Tensor, rank: int | None = None, oversample: int = 16
     return FactoredSVD(u, s, v.T)
 
 
-def choose_rank(s: torch.Tensor, rank: int | None = None, energy: float | None = None) -> int:
+def choose_rank(
+    s: torch.Tensor, rank: int | None = None, energy: float | None = None, total_energy: float | None = None
+) -> int:
     """The kept rank: ``rank`` (capped at the spectrum's length), or the smallest rank whose spectral energy
-    ``sum s_i^2`` reaches the fraction ``energy`` of the total; at least 1."""
+    ``sum s_i^2`` reaches the fraction ``energy`` of the total (``total_energy``, default the spectrum's own:
+    pass the true ``||delta||_F^2`` for a partial spectrum; all of it is kept if the fraction is not
+    reached); at least 1."""
     if (rank is None) == (energy is None):
         raise MetaLoRAError("give exactly one of a rank or an energy fraction to keep")
     n = int(s.numel())
@@ -86,11 +92,12 @@ def choose_rank(s: torch.Tensor, rank: int | None = None, energy: float | None =
     if not 0.0 < energy <= 1.0:
         raise MetaLoRAError(f"energy fraction {energy}: use a number in (0, 1]")
     e = s.double() ** 2
-    total = float(e.sum())
+    total = float(e.sum()) if total_energy is None else float(total_energy)
     if total == 0.0:
         return 1
     cumulative = torch.cumsum(e, 0) / total
-    return max(1, min(n, int(torch.searchsorted(cumulative, torch.tensor(energy - 1e-12, dtype=e.dtype))) + 1))
+    reached = int(torch.searchsorted(cumulative, torch.tensor(energy - 1e-12, dtype=e.dtype)))
+    return max(1, min(n, reached + 1))
 
 
 def truncate(svd: FactoredSVD, rank: int, total_energy: float | None = None) -> tuple[Factors, Truncation]:
