@@ -203,3 +203,33 @@ def test_extraction_recovers_a_known_rank_r_difference(tmp_path):
         assert float(torch.linalg.matrix_norm(changed[r.name] - got2[r.name])) == pytest.approx(
             r.error, rel=1e-6
         )
+
+
+# --- command line ----------------------------------------------------------------------------------------
+
+
+def test_cli_tools_end_to_end(two_loras, tmp_path, capsys):
+    from metalora_core.cli.main import main
+
+    a, b = two_loras
+    diff, small, report = tmp_path / "d.safetensors", tmp_path / "s.safetensors", tmp_path / "r.json"
+    assert main(["lora", "difference", str(a), str(b), "--out", str(diff), "--format", "diffusers"]) == 0
+    assert json.loads(capsys.readouterr().out)["operation"] == "difference"
+    assert scan_lora(diff).layout == "diffusers"
+    assert (
+        main(["lora", "resize", str(diff), "--rank", "2", "--out", str(small), "--report", str(report)]) == 0
+    )
+    per_layer = json.loads(report.read_text())["per_layer"]
+    assert per_layer and all(r["rank_out"] == 2 and r["error"] > 0 for r in per_layer)
+    capsys.readouterr()
+    assert main(["lora", "resize", str(diff), "--rank", "2", "--out", str(small)]) == 2  # no silent overwrite
+    assert "already exists" in capsys.readouterr().err
+    assert (
+        main(["lora", "merge", str(a), str(b), "--weights", "1", "--out", str(tmp_path / "m.safetensors")])
+        == 2
+    )
+    assert "2 LoRAs but 1 weights" in capsys.readouterr().err
+    assert main(["lora", "rescale", str(a), "--factor", "2", "--out", str(tmp_path / "x2.safetensors")]) == 0
+    base = write_tiny_flux(tmp_path / "base.safetensors", "bfl", TINY_DIMS, seed=0)
+    assert main(["lora", "extract", str(base), str(base), "--out", str(tmp_path / "e.safetensors")]) == 2
+    assert "no layer left" in capsys.readouterr().err  # identical checkpoints: nothing to extract
