@@ -164,3 +164,42 @@ def test_bad_compositions_are_clear_errors(comfy, cm, flux, assets, tmp_path):
     save_file({"lora_te1_x.lora_up.weight": torch.zeros(4, 4)}, str(other))
     with pytest.raises(MetaLoRAError, match="none of its"):
         cm.compose(flux, [cm.AdapterSpec("LoRA 'other'", 1.0, lora_path=str(other))], "merge")
+
+
+def test_difference_file_through_the_stock_loader_equals_b_plus_one_and_a_minus_one(
+    comfy, flux, assets, tmp_path, tiny_bfl
+):
+    """``metalora lora difference`` read by ComfyUI's own LoRA loading: one load at +1 gives the same weights
+    as loading B at +1 and A at -1 (kohya A, diffusers B: the output naming converts too)."""
+    import comfy.model_management
+    import comfy.sd
+    import comfy.utils
+
+    from metalora_core.loras.tools import difference
+
+    lomd, a, _c, b_path = assets
+    dims, _ = read_flux_dims(tiny_bfl)
+    a_path = export_lora(tmp_path / "a.safetensors", lomd, a, dims, "kohya")
+    diff = difference(a_path, b_path, tmp_path / "diff.safetensors").path
+
+    def weights(model):
+        with torch.inference_mode():
+            comfy.model_management.load_models_gpu([model])
+            return {
+                k: v.double().cpu().clone()
+                for k, v in model.model.state_dict().items()
+                if k.endswith(".weight")
+            }
+
+    def lora(model, path, strength):
+        return comfy.sd.load_lora_for_models(
+            model, None, comfy.utils.load_torch_file(str(path), safe_load=True), strength, 0
+        )[0]
+
+    both = weights(lora(lora(flux, b_path, 1.0), a_path, -1.0))
+    once = weights(lora(flux, diff, 1.0))
+    base = weights(flux)
+    changed = [k for k in base if (both[k] - base[k]).abs().max() > 1e-4]
+    assert len(changed) >= 8
+    for k in base:
+        assert torch.allclose(once[k], both[k], atol=1e-6), k
