@@ -170,6 +170,14 @@ def rescale(path, out, factor: float, **kw) -> ToolReport:
 # --- extraction from two checkpoints ---------------------------------------------------------------------
 
 
+def _keys(path) -> set[str]:
+    try:
+        with safe_open(str(path), "pt") as fh:
+            return set(fh.keys())
+    except (SafetensorError, OSError) as exc:
+        raise MetaLoRAError(f"{path}: not a readable safetensors file ({exc})") from None
+
+
 def _weight_key(keys: set[str], name: str, path) -> str:
     for prefix in _BFL_PREFIXES:
         key = f"{prefix}{name}.weight"
@@ -219,38 +227,27 @@ def extract(
     targets = resolve_targets(dims_b, preset)
     report = ToolReport(str(out), "extract")
     layers: dict[str, Factors] = {}
-    try:
-        with safe_open(str(tuned), "pt") as ft, safe_open(str(base), "pt") as fb:
-            keys_t, keys_b = set(ft.keys()), set(fb.keys())
-            for done, target in enumerate(targets):
-                if progress is not None:
-                    progress(done, len(targets), target.name)
-                delta = layer_difference(
-                    ft,
-                    fb,
-                    _weight_key(keys_t, target.name, tuned),
-                    _weight_key(keys_b, target.name, base),
-                    chunk_rows,
-                )
-                total = float(delta.square().sum(dtype=torch.float64))
-                if total == 0.0:
-                    report.skipped.append(target.name)
-                    continue
-                svd = dense_svd(delta, rank, oversample)
-                del delta
-                k = choose_rank(svd.s, rank=None if energy else rank, energy=energy, total_energy=total)
-                (up, down), cut = truncate(svd, min(k, rank), total)
-                layers[target.name] = (up, down)
-                report.layers.append(
-                    LayerReport(
-                        target.name,
-                        min(target.out_features, target.in_features),
-                        cut.rank,
-                        *_cut_numbers(cut),
-                    )
-                )
-    except SafetensorError as exc:
-        raise MetaLoRAError(f"reading {tuned} / {base} failed: {exc}") from None
+    keys_t, keys_b = _keys(tuned), _keys(base)
+    for done, target in enumerate(targets):
+        if progress is not None:
+            progress(done, len(targets), target.name)
+        key_t, key_b = _weight_key(keys_t, target.name, tuned), _weight_key(keys_b, target.name, base)
+        try:  # opened per layer: closing unmaps the file, so its pages never pile up in this process
+            with safe_open(str(tuned), "pt") as ft, safe_open(str(base), "pt") as fb:
+                delta = layer_difference(ft, fb, key_t, key_b, chunk_rows)
+        except SafetensorError as exc:
+            raise MetaLoRAError(f"reading layer '{target.name}' of {tuned} / {base} failed: {exc}") from None
+        total = float(delta.square().sum(dtype=torch.float64))
+        if total == 0.0:
+            report.skipped.append(target.name)
+            continue
+        svd = dense_svd(delta, rank, oversample)
+        del delta
+        k = choose_rank(svd.s, rank=None if energy else rank, energy=energy, total_energy=total)
+        (up, down), cut = truncate(svd, min(k, rank), total)
+        layers[target.name] = (up, down)
+        rank_in = min(target.out_features, target.in_features)
+        report.layers.append(LayerReport(target.name, rank_in, cut.rank, *_cut_numbers(cut)))
     sources = [  # no content hash: hashing two multi-GB checkpoints would cost more than the extraction
         {"file": Path(base).name, "role": "base", "bytes": os.path.getsize(base)},
         {"file": Path(tuned).name, "role": "fine-tuned", "bytes": os.path.getsize(tuned)},
