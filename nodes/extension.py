@@ -9,6 +9,7 @@ from .compose import NODES as COMPOSE_NODES
 from .export import MetaLoRAExportLoRA
 from .faces import MetaLoRAFaceCrop, MetaLoRAFaceSimilarity
 from .files import MetaLoRALoadIdentity, MetaLoRALoadLoMD, MetaLoRASaveIdentity
+from .lora_tools import NODES as LORA_TOOL_NODES
 from .model_folders import register_model_folders
 from .train_identity import MetaLoRATrainIdentity
 
@@ -22,6 +23,7 @@ NODES: list[type[io.ComfyNode]] = [
     MetaLoRAFaceCrop,
     MetaLoRAFaceSimilarity,
     *COMPOSE_NODES,
+    *LORA_TOOL_NODES,
 ]
 
 

@@ -6,6 +6,7 @@ from comfy_api.latest import io
 
 LoMDType = io.Custom("METALORA_LOMD")
 IdentityType = io.Custom("METALORA_IDENTITY")
+AdaptersType = io.Custom("METALORA_ADAPTERS")  # a list of compose_model.AdapterSpec, in chained order
 CATEGORY = "MetaLoRA"
 
 
@@ -13,4 +14,3 @@ def strength_input(tooltip: str) -> io.Float.Input:
     """The identity strength (-10..10, default 1): shared by Apply and Export so both mean the same."""
     return io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01, tooltip=tooltip)
 
-AdaptersType = io.Custom("METALORA_ADAPTERS")  # a list of compose.AdapterSpec, in the order chained

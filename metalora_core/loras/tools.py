@@ -218,6 +218,8 @@ def extract(
     ``rank`` is the rank written (with ``energy``: the cap, the rank then being the smallest reaching that
     fraction of each layer's ``||delta||_F^2``). Unchanged layers are skipped. Both checkpoints are BFL /
     ComfyUI single files; they are never loaded whole."""
+    if rank < 1:
+        raise MetaLoRAError(f"extract: rank {rank}; use 1 or more (with an energy fraction it is the cap)")
     dims_b, layout_b = read_flux_dims(base)
     dims_t, layout_t = read_flux_dims(tuned)
     if "diffusers" in (layout_b, layout_t):
