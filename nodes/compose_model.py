@@ -27,7 +27,7 @@ from .patch_plan import check_fits, patch_tensors
 from .weight_adapter import MetaLoRAWeightAdapter
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class AdapterSpec:
     """One entry of an adapter list: an identity (lomd + identity) or a LoRA file, with its numbers."""
 
@@ -37,6 +37,9 @@ class AdapterSpec:
     lomd: LoMD | None = None
     identity: IdentityAdapter | None = None
     lora_path: str | None = None
+
+    def __repr__(self) -> str:  # ComfyUI prints inputs in error reports: never the tensors
+        return f"{self.label} (strength {self.strength}, weight {self.weight})"
 
 
 def identity_patches(model, spec: AdapterSpec) -> dict:

@@ -4,9 +4,13 @@ sampled by the stock KSampler; every strategy runs, changes the image, and the t
 from __future__ import annotations
 
 import itertools
+import json
 
-from tests.comfyui.graphs import loaders, sampler, saved_latent
-from tests.comfyui.harness import node
+import numpy as np
+from PIL import Image
+
+from tests.comfyui.graphs import TINY_COND, loaders, sampler, saved_latent
+from tests.comfyui.harness import REPO, node
 
 
 def _adapters() -> dict:
@@ -54,3 +58,89 @@ def test_an_empty_composite_weight_sum_is_a_node_error(comfy):
     assert result.status == "error"
     assert result.error["node_type"] == "MetaLoRAComposeComposite"
     assert "sum to 0" in result.error["exception_message"]
+
+
+WORKFLOW = REPO / "example_workflows" / "Meta-LoRA 4 - Compose an identity with a style LoRA.json"
+WIDGETS = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+TINY_SWAPS = {
+    "UNETLoader": {"unet_name": "tiny_flux.safetensors"},
+    "MetaLoRALoadLoMD": {"lomd_name": "lomd.safetensors"},
+    "MetaLoRALoadIdentity": {"identity_name": "identity.safetensors"},
+    "MetaLoRAAdapterLoRA": {"lora_name": "style_lora.safetensors"},
+    "KSampler": {"steps": 2},
+    "EmptySD3LatentImage": {"width": 64, "height": 64},
+}
+
+
+def _api_prompt(workflow: dict, info: dict) -> dict:
+    """The workflow as an API prompt, widget values matched to input names by /object_info's order (a seed's
+    control_after_generate value skipped); checks the value count and every link's type on the way."""
+    links = {lk[0]: lk for lk in workflow["links"]}
+    prompt = {}
+    for n in workflow["nodes"]:
+        if n["type"] in ("Note", "MarkdownNote"):
+            continue
+        spec = info[n["type"]]
+        order = spec["input_order"]["required"] + spec["input_order"].get("optional", [])
+        specs = {**spec["input"]["required"], **spec["input"].get("optional", {})}
+        linked = {i["name"]: links[i["link"]] for i in n["inputs"] if i.get("link") is not None}
+        inputs = {name: [str(lk[1]), lk[2]] for name, lk in linked.items()}
+        for name, lk in linked.items():
+            assert specs[name][0] == lk[5], f"node {n['id']} input {name}: {lk[5]} linked to {specs[name][0]}"
+        values = list(n["widgets_values"])
+        for name in order:
+            kind = specs[name][0]
+            if name in linked or not (isinstance(kind, list) or kind in WIDGETS):
+                continue
+            assert values, f"node {n['id']} ({n['type']}): no widget value for {name}"
+            inputs[name] = values.pop(0)
+            if name == "seed":
+                assert values.pop(0) == "fixed", "the example keeps its seed fixed"
+        assert not values, f"node {n['id']} ({n['type']}): {len(values)} widget values left over"
+        prompt[str(n["id"])] = {"class_type": n["type"], "inputs": inputs}
+    return prompt
+
+
+def _on_tiny_flux(prompt: dict) -> dict:
+    out = {}
+    for node_id, entry in prompt.items():
+        kind, inputs = entry["class_type"], dict(entry["inputs"])
+        if kind == "DualCLIPLoader":
+            continue
+        if kind == "CLIPTextEncode":
+            out[node_id] = node("MetaLoRATestConditioning", seed=int(node_id), tokens=8, **TINY_COND)
+        elif kind == "VAELoader":
+            out[node_id] = node("MetaLoRATestVAE", seed=0)
+        else:
+            if kind == "SaveImage":
+                inputs["filename_prefix"] = f"compose_example/{node_id}"
+            out[node_id] = node(kind, **{**inputs, **TINY_SWAPS.get(kind, {})})
+    return out
+
+
+def test_the_example_workflow_runs_and_its_three_images_differ(comfy, comfy_base):
+    workflow = json.loads(WORKFLOW.read_text())
+    boxes = [
+        (n["pos"][0], n["pos"][1] - 30, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1])
+        for n in workflow["nodes"]
+    ]
+    for i, a in enumerate(boxes):  # readable: no node (title bar included) overlaps another
+        for b in boxes[i + 1 :]:
+            assert not (a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]), (a, b)
+    prompt = _on_tiny_flux(_api_prompt(workflow, comfy.object_info()))
+    assert {e["class_type"] for e in prompt.values()} >= {
+        "MetaLoRAComposeMerge",
+        "MetaLoRAComposeSwitch",
+        "MetaLoRAComposeComposite",
+    }
+    result = comfy.run(prompt)
+    assert result.status == "success", result.error
+    images = []
+    for node_id, entry in prompt.items():
+        if entry["class_type"] == "SaveImage":
+            saved = result.outputs[node_id]["images"][0]
+            path = comfy_base / "output" / saved["subfolder"] / saved["filename"]
+            images.append(np.asarray(Image.open(path), dtype=np.float32))
+    assert len(images) == 3
+    for a, b in itertools.combinations(images, 2):
+        assert np.abs(a - b).max() > 0
