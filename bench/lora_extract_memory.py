@@ -5,7 +5,7 @@ python bench/lora_extract_memory.py [--blocks 2 8] [--hidden 3072] [--rank 16] [
 Writes, for each block count, a synthetic base / fine-tuned pair of BFL checkpoints (bf16, FLUX.1 widths,
 blocks split evenly between double and single blocks; fine-tuned = base + a rank-8 change per layer,
 streamed to disk one tensor at a time), then runs the extraction in a fresh process and reads that
-process's peak resident memory (ru_maxrss). A baseline process that only imports the library and opens
+process's peak resident memory (VmHWM). A baseline process that only imports the library and opens
 both files gives the interpreter's own share. The table prints side by side from one run.
 """
 
@@ -71,6 +71,15 @@ def write_pair(folder: Path, dims: FluxDims, preset: str, seed: int = 0) -> tupl
     return paths
 
 
+def _vm_hwm() -> int:
+    """This process's peak resident memory in bytes (``VmHWM``: per address space, so unlike ``ru_maxrss``
+    it does not inherit the parent's peak across fork + exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def child(mode: str, base: str, tuned: str, out: str, rank: int, preset: str) -> None:
     from safetensors import safe_open
 
@@ -83,7 +92,7 @@ def child(mode: str, base: str, tuned: str, out: str, rank: int, preset: str) ->
     else:
         with safe_open(base, "pt") as a, safe_open(tuned, "pt") as b:
             len(list(a.keys())) + len(list(b.keys()))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _vm_hwm()
     print(json.dumps({"peak": peak, "seconds": time.perf_counter() - start, "layers": layers}))
 
 

@@ -10,6 +10,7 @@ MODEL that carries it and base weights are never touched (fp8 / GGUF / offloaded
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -51,15 +52,44 @@ def split_patch_key(key) -> tuple[str, Offset]:
     return key[0], tuple(key[1]) if key[1] is not None else None
 
 
+class _LayerDispatch:
+    """The one forward wrapper a module has while any composition hook is injected into it.
+
+    Hooks of several compositions on the same layer (stacked Compose nodes) register here instead of
+    wrapping each other, so they can be ejected in any order and the module gets its own forward back."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+        self.hooks: list[MultiBypassHook] = []
+        self.had_own_forward = "forward" in vars(module)
+        self.original_forward = module.forward
+        module.forward = self.forward
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        out = self.original_forward(x, *args, **kwargs)
+        for hook in self.hooks:
+            out = hook.add_to(x, out)
+        return out
+
+    def restore(self) -> None:
+        if self.had_own_forward:
+            self.module.forward = self.original_forward
+        else:
+            del self.module.forward  # back to the class's forward, exactly as before
+
+
+_DISPATCH: weakref.WeakKeyDictionary[torch.nn.Module, _LayerDispatch] = weakref.WeakKeyDictionary()
+
+
 class MultiBypassHook:
-    """Wraps one layer's forward: ``f(x) + sum_i m_i * h_i(x)`` over the adapters with a non-zero ``m_i``."""
+    """One composition's adapters on one layer: adds ``sum_i m_i * h_i(x)`` over the adapters whose
+    multiplier ``m_i`` in the current pass is non-zero."""
 
     def __init__(self, module: torch.nn.Module, state: PassState) -> None:
         self.module = module
         self.state = state
         self.entries: list[tuple[int, WeightAdapterBase, Offset]] = []
-        self.original_forward = None
-        self.had_own_forward = False
+        self.injected = False
 
     def add(self, index: int, adapter: WeightAdapterBase, offset: Offset) -> None:
         if offset is not None and offset[0] != 0:
@@ -69,8 +99,7 @@ class MultiBypassHook:
         adapter.is_conv, adapter.conv_dim, adapter.kw_dict = False, 0, {}  # what ComfyUI's hook sets
         self.entries.append((index, adapter, offset))
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        out = self.original_forward(x, *args, **kwargs)
+    def add_to(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         for index, adapter, offset in self.entries:
             m = self.state.multipliers[index]
             if m == 0.0:
@@ -87,23 +116,26 @@ class MultiBypassHook:
         return out
 
     def inject(self) -> None:
-        if self.original_forward is not None:
+        if self.injected:
             return
         device = model_management.get_torch_device()
         for _, adapter, _ in self.entries:  # once per load, not per forward (as ComfyUI's own bypass does)
             adapter.weights = tuple(w.to(device) if torch.is_tensor(w) else w for w in adapter.weights)
-        self.had_own_forward = "forward" in vars(self.module)  # another injection's hook under ours
-        self.original_forward = self.module.forward
-        self.module.forward = self.forward
+        dispatch = _DISPATCH.get(self.module)
+        if dispatch is None:
+            dispatch = _DISPATCH[self.module] = _LayerDispatch(self.module)
+        dispatch.hooks.append(self)
+        self.injected = True
 
     def eject(self) -> None:
-        if self.original_forward is None:
+        if not self.injected:
             return
-        if self.had_own_forward:
-            self.module.forward = self.original_forward
-        else:
-            del self.module.forward  # back to the class's forward, exactly as before
-        self.original_forward = None
+        dispatch = _DISPATCH[self.module]
+        dispatch.hooks.remove(self)
+        if not dispatch.hooks:
+            dispatch.restore()
+            del _DISPATCH[self.module]
+        self.injected = False
 
 
 def bypass_injection(

@@ -14,7 +14,7 @@ from comfy_api.latest import io, ui
 from ..metalora_core.errors import MetaLoRAError
 from ..metalora_core.loras import tools
 from ..metalora_core.targets import PRESET_HELP, PRESETS
-from .export import DTYPES
+from .export import DTYPES, lora_file_inputs
 from .files import target_path
 from .model_folders import loras_dir
 from .types import CATEGORY
@@ -73,17 +73,7 @@ def _output_inputs(default_name: str) -> list:
             tooltip="Key naming of the output: kohya (lora_unet_*, ComfyUI / kohya tools) or diffusers "
             "(transformer.*.lora_A/B). Any input naming is read, so this also converts.",
         ),
-        io.Combo.Input(
-            "dtype",
-            options=list(DTYPES),
-            default="fp32",
-            tooltip="fp32 keeps the factors exact; bf16 / fp16 halve the file.",
-        ),
-        io.Boolean.Input(
-            "overwrite",
-            default=False,
-            tooltip="Replace an existing LoRA of the same name (otherwise the node stops with an error).",
-        ),
+        *lora_file_inputs("fp32 keeps the factors exact; bf16 / fp16 halve the file."),
     ]
 
 

@@ -187,16 +187,17 @@ def _weight_key(keys: set[str], name: str, path) -> str:
 
 
 def layer_difference(tuned, base, key_t: str, key_b: str, chunk_rows: int = 1024) -> torch.Tensor:
-    """``tuned - base`` of one weight (float32, or float64 for float64 checkpoints), the base read through
-    row slices (``get_slice``) and subtracted in place: peak memory is one weight plus one slice of rows."""
-    delta = tuned.get_tensor(key_t)
-    delta = delta.to(torch.promote_types(delta.dtype, torch.float32))
-    base_slice = base.get_slice(key_b)
-    shape = tuple(base_slice.get_shape())
-    if shape != tuple(delta.shape):
-        raise MetaLoRAError(f"layer '{key_t}': fine-tuned {tuple(delta.shape)} vs base {shape}")
+    """``tuned - base`` of one weight (float32, or float64 for float64 checkpoints), both read through row
+    slices (``get_slice``): peak memory is the one result plus two slices of rows."""
+    tuned_slice, base_slice = tuned.get_slice(key_t), base.get_slice(key_b)
+    shape, base_shape = tuple(tuned_slice.get_shape()), tuple(base_slice.get_shape())
+    if shape != base_shape or len(shape) != 2:
+        raise MetaLoRAError(f"layer '{key_t}': fine-tuned {shape} vs base {base_shape}")
+    dtype = torch.float64 if "F64" in (tuned_slice.get_dtype(), base_slice.get_dtype()) else torch.float32
+    delta = torch.empty(shape, dtype=dtype)
     for r in range(0, shape[0], chunk_rows):
-        delta[r : r + chunk_rows] -= base_slice[r : r + chunk_rows].to(delta.dtype)
+        rows = slice(r, min(r + chunk_rows, shape[0]))
+        torch.sub(tuned_slice[rows].to(dtype), base_slice[rows].to(dtype), out=delta[rows])
     return delta
 
 
@@ -239,7 +240,7 @@ def extract(
                 delta = layer_difference(ft, fb, key_t, key_b, chunk_rows)
         except SafetensorError as exc:
             raise MetaLoRAError(f"reading layer '{target.name}' of {tuned} / {base} failed: {exc}") from None
-        total = float(delta.square().sum(dtype=torch.float64))
+        total = float(torch.linalg.vector_norm(delta, dtype=torch.float64)) ** 2  # no float64 copy
         if total == 0.0:
             report.skipped.append(target.name)
             continue

@@ -139,12 +139,21 @@ def test_merge_equals_the_patched_sum(comfy, cm, flux, assets, tiny_bfl):
 
 def test_the_base_model_is_unchanged_after_composing(comfy, cm, flux, assets):
     before = _sample(comfy, flux, 2)
-    for strategy in ("switch", "composite"):
-        _sample(comfy, cm.compose(flux, _specs(cm, assets), strategy), 2)
+    stacked = cm.compose(cm.compose(flux, _specs(cm, assets)[:1], "composite"), _specs(cm, assets), "switch")
+    for model in (cm.compose(flux, _specs(cm, assets), "switch"), stacked):
+        _sample(comfy, model, 2)
         after = _sample(comfy, flux, 2)
-        assert torch.equal(before, after), strategy
+        assert torch.equal(before, after)
     module = flux.model.diffusion_model.double_blocks[0].img_attn.qkv
-    assert "forward" not in vars(module)  # every bypass hook was ejected
+    assert "forward" not in vars(module)  # every bypass hook was ejected, in whatever order
+
+
+def test_stacked_compositions_nest(comfy, cm, flux, assets):
+    """Two single-adapter switches stacked keep both adapters on at every step: the merge of the two."""
+    a, b = _specs(cm, assets, 0.9, 0.8)
+    stacked = cm.compose(cm.compose(flux, [a], "switch"), [b], "switch")
+    expected = _sample(comfy, cm.compose(flux, [a, b], "merge"), 2)
+    assert torch.allclose(_sample(comfy, stacked, 2), expected, **TOL)
 
 
 def test_bad_compositions_are_clear_errors(comfy, cm, flux, assets, tmp_path):
