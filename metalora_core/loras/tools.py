@@ -201,6 +201,15 @@ def layer_difference(tuned, base, key_t: str, key_b: str, chunk_rows: int = 1024
     return delta
 
 
+def frobenius_energy(delta: torch.Tensor, chunk_rows: int = 1024) -> float:
+    """``||delta||_F^2`` accumulated in float64 over blocks of rows (a float64 cast of the whole layer
+    would double the peak memory of extraction)."""
+    return sum(
+        float(torch.linalg.vector_norm(delta[r : r + chunk_rows], dtype=torch.float64)) ** 2
+        for r in range(0, delta.shape[0], chunk_rows)
+    )
+
+
 def extract(
     base: str | os.PathLike,
     tuned: str | os.PathLike,
@@ -240,7 +249,7 @@ def extract(
                 delta = layer_difference(ft, fb, key_t, key_b, chunk_rows)
         except SafetensorError as exc:
             raise MetaLoRAError(f"reading layer '{target.name}' of {tuned} / {base} failed: {exc}") from None
-        total = float(torch.linalg.vector_norm(delta, dtype=torch.float64)) ** 2  # no float64 copy
+        total = frobenius_energy(delta, chunk_rows)
         if total == 0.0:
             report.skipped.append(target.name)
             continue
