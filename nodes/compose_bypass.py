@@ -130,12 +130,14 @@ class MultiBypassHook:
     def eject(self) -> None:
         if not self.injected:
             return
-        dispatch = _DISPATCH[self.module]
+        self.injected = False
+        dispatch = _DISPATCH.get(self.module)
+        if dispatch is None or self not in dispatch.hooks:
+            return
         dispatch.hooks.remove(self)
         if not dispatch.hooks:
             dispatch.restore()
-            del _DISPATCH[self.module]
-        self.injected = False
+            _DISPATCH.pop(self.module, None)
 
 
 def bypass_injection(

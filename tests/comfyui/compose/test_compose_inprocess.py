@@ -212,3 +212,26 @@ def test_difference_file_through_the_stock_loader_equals_b_plus_one_and_a_minus_
     assert len(changed) >= 8
     for k in base:
         assert torch.allclose(once[k], both[k], atol=1e-6), k
+
+
+def test_outside_a_sampler_a_bypass_composition_is_the_base_model(comfy, cm, flux, assets):
+    """The wrapper switches adapters on only for its own passes: a direct ``apply_model`` call on the
+    loaded (hooks injected) model, even right after sampling, sees the base model."""
+    import comfy.model_management
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 16, 8, 8, generator=g, dtype=torch.float64)
+    (cond, extra), sigma = _cond()[0], torch.tensor([0.7], dtype=torch.float64)
+
+    def direct(model):
+        with torch.inference_mode():
+            comfy.model_management.load_models_gpu([model])
+            return model.model.apply_model(
+                x, sigma, c_crossattn=cond, y=extra["pooled_output"], guidance=torch.tensor([3.5])
+            )
+
+    base = direct(flux)
+    composed = cm.compose(flux, _specs(cm, assets), "switch")
+    _sample(comfy, composed, 2)
+    assert "forward" in vars(flux.model.diffusion_model.double_blocks[0].img_attn.qkv)  # hooks are in
+    assert torch.equal(direct(composed), base)
