@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from urllib.parse import quote
 
 from tests.comfyui.graphs import loaders
 from tests.comfyui.harness import PACK_NAME, REPO
@@ -64,7 +65,7 @@ def test_example_workflows_are_listed_and_served(comfy):
     assert len(expected) >= 2
     assert sorted(templates[PACK_NAME]) == expected
     for stem in expected:
-        workflow = comfy.get(f"/api/workflow_templates/{PACK_NAME}/{stem}.json")
+        workflow = comfy.get(f"/api/workflow_templates/{PACK_NAME}/{quote(stem)}.json")
         assert workflow["nodes"], stem
 
 
