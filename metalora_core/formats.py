@@ -401,7 +401,9 @@ def lora_tensors(
         for name, (up, down) in layers.items():
             pieces = diffusers_pieces(name, dims or FluxDims(up.shape[0], 0, 0, 0, 0, 0, 0, False, 0))
             if len(pieces) > 1 and dims is None:
-                raise MetaLoRAError(f"writing fused layer '{name}' in diffusers naming needs the model's sizes")
+                raise MetaLoRAError(
+                    f"writing fused layer '{name}' in diffusers naming needs the model's sizes"
+                )
             for module, rows in pieces:
                 tensors[f"transformer.{module}.lora_A.weight"] = down.to(dtype).contiguous()
                 tensors[f"transformer.{module}.lora_B.weight"] = (

@@ -13,4 +13,3 @@ CATEGORY = "MetaLoRA"
 def strength_input(tooltip: str) -> io.Float.Input:
     """The identity strength (-10..10, default 1): shared by Apply and Export so both mean the same."""
     return io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01, tooltip=tooltip)
-

@@ -11,7 +11,15 @@ from ..errors import MetaLoRAError
 
 # Modules under metalora_core.cli that define ``register(subparsers)``; each adds its own sub-commands.
 # A module may also define ``register_dev(dev_subparsers)`` to add builders to the ``metalora dev`` group.
-COMMAND_MODULES = ("inspect_cmd", "export_cmd", "dev_cmd", "score_cmd", "personalize_cmd", "meta_cmd", "lora_cmd")
+COMMAND_MODULES = (
+    "inspect_cmd",
+    "export_cmd",
+    "dev_cmd",
+    "score_cmd",
+    "personalize_cmd",
+    "meta_cmd",
+    "lora_cmd",
+)
 EXIT_USER_ERROR = 2
 
 
