@@ -25,6 +25,12 @@ FORMAT_LOMD = "metalora.lomd"
 FORMAT_IDENTITY = "metalora.identity"
 FORMAT_VERSION = 1
 DOWN_SUFFIX = ".meta_down.weight"
+# Where a LoMD comes from (metadata key of LoMDs, copied into every identity trained against one): see
+# docs/lomd-sources.md. Not to be confused with ``LoMD.source``, the file a LoMD was read from.
+SOURCE_KEY = "lomd_source"
+PROVENANCE_KEY = "lomd_provenance"  # JSON: how it was made (seed, LoRA hashes, energy summary, ...)
+LOMD_SOURCES = ("meta-trained", "distilled", "seeded", "random")
+UNKNOWN_SOURCE = "unknown"
 MID_SUFFIX = ".lom.weight"
 UP_SUFFIX = ".lou.weight"
 
@@ -48,6 +54,11 @@ class LoMD:
     def fingerprint(self) -> str:
         return fingerprint(self.downs)
 
+    @property
+    def origin(self) -> str:
+        """``meta-trained``, ``distilled``, ``seeded``, ``random`` or ``unknown`` (a file from elsewhere)."""
+        return self.metadata.get(SOURCE_KEY) or UNKNOWN_SOURCE
+
 
 @dataclass
 class IdentityAdapter:
@@ -66,6 +77,11 @@ class IdentityAdapter:
     @property
     def targets(self) -> list[str]:
         return list(self.mids)
+
+    @property
+    def lomd_origin(self) -> str:
+        """Where the LoMD this identity was trained against came from (``seeded`` = no prior)."""
+        return self.metadata.get(SOURCE_KEY) or UNKNOWN_SOURCE
 
     @property
     def fingerprint(self) -> str:
@@ -99,6 +115,7 @@ def save_lomd(path: str | os.PathLike, lomd: LoMD) -> Path:
     tensors = {name + DOWN_SUFFIX: t for name, t in lomd.downs.items()}
     meta = {"format": FORMAT_LOMD, **_common_meta(lomd.shape, lomd.base_arch, lomd.hidden_size, lomd.targets)}
     meta["fingerprint"] = lomd.fingerprint
+    meta.update({k: lomd.metadata[k] for k in (SOURCE_KEY, PROVENANCE_KEY) if lomd.metadata.get(k)})
     return save_tensors(path, tensors, meta)
 
 
@@ -112,6 +129,8 @@ def save_identity(path: str | os.PathLike, adapter: IdentityAdapter) -> Path:
     meta["lomd_fingerprint"] = adapter.lomd_fingerprint
     meta["fingerprint"] = adapter.fingerprint
     meta["training"] = json.dumps(adapter.training, default=str)
+    if adapter.metadata.get(SOURCE_KEY):
+        meta[SOURCE_KEY] = adapter.metadata[SOURCE_KEY]
     return save_tensors(path, tensors, meta)
 
 

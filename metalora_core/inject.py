@@ -16,7 +16,7 @@ from torch import nn
 from .adapter import BypassLinear, IdentityHead
 from .errors import MetaLoRAError
 from .flux_model import fused_shapes
-from .formats import IdentityAdapter, LoMD, check_identity_fits, check_lomd_fits, check_pair
+from .formats import SOURCE_KEY, IdentityAdapter, LoMD, check_identity_fits, check_lomd_fits, check_pair
 from .targets import FluxDims, diffusers_pieces
 
 
@@ -126,7 +126,10 @@ def heads_to_adapter(
     ups = {head_name(key): h.up.detach().float().cpu().clone() for key, h in heads.items()}
     rank_mid = next(iter(mids.values())).shape[0]
     shape = replace(lomd.shape, rank_mid=rank_mid)
-    return IdentityAdapter(mids, ups, shape, lomd.fingerprint, dict(training or {}), "flux", dims.hidden)
+    meta = {SOURCE_KEY: lomd.origin}  # an identity says whether its LoMD had a prior (seeded = none)
+    return IdentityAdapter(
+        mids, ups, shape, lomd.fingerprint, dict(training or {}), "flux", dims.hidden, meta
+    )
 
 
 @contextmanager

@@ -4,19 +4,15 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from .patch_plan import check_fits, patch_tensors, target_shapes
+from .model_shapes import model_target_shapes
+from .patch_plan import check_fits, patch_tensors
 from .types import CATEGORY, IdentityType, LoMDType, strength_input
 from .weight_adapter import MetaLoRAWeightAdapter
 
 
-def model_shapes(model) -> dict[str, tuple[int, int]]:
-    """``{canonical target: (out, in)}`` of a ComfyUI ModelPatcher (shapes only; no weight is read)."""
-    return target_shapes({k: tuple(v.shape) for k, v in model.model_state_dict().items()})
-
-
 def apply_identity(model, lomd, identity, strength: float, force: bool = False):
     """A clone of ``model`` with one weight patch per identity layer; ``model`` itself is never changed."""
-    check_fits(lomd, identity, model_shapes(model), force)
+    check_fits(lomd, identity, model_target_shapes(model), force)
     patched = model.clone()
     if strength == 0.0:
         return patched

@@ -21,8 +21,8 @@ from comfy.patcher_extension import WrappersMP
 from ..metalora_core.compose import Composition, combine, plan, step_index
 from ..metalora_core.errors import MetaLoRAError
 from ..metalora_core.formats import IdentityAdapter, LoMD
-from .apply import model_shapes
 from .compose_bypass import PassState, bypass_injection
+from .model_shapes import model_target_shapes
 from .patch_plan import check_fits, patch_tensors
 from .weight_adapter import MetaLoRAWeightAdapter
 
@@ -43,7 +43,9 @@ class AdapterSpec:
 
 
 def identity_patches(model, spec: AdapterSpec) -> dict:
-    check_fits(spec.lomd, spec.identity, model_shapes(model), model_name=f"the MODEL (for {spec.label})")
+    check_fits(
+        spec.lomd, spec.identity, model_target_shapes(model), model_name=f"the MODEL (for {spec.label})"
+    )
     return {
         key: MetaLoRAWeightAdapter({key}, w) for key, w in patch_tensors(spec.lomd, spec.identity).items()
     }

@@ -9,12 +9,15 @@ from .compose import NODES as COMPOSE_NODES
 from .export import MetaLoRAExportLoRA
 from .faces import MetaLoRAFaceCrop, MetaLoRAFaceSimilarity
 from .files import MetaLoRALoadIdentity, MetaLoRALoadLoMD, MetaLoRASaveIdentity
+from .lomd_sources import MetaLoRADistillLoMD, MetaLoRASeededLoMD
 from .lora_tools import NODES as LORA_TOOL_NODES
 from .model_folders import register_model_folders
 from .train_identity import MetaLoRATrainIdentity
 
 NODES: list[type[io.ComfyNode]] = [
     MetaLoRALoadLoMD,
+    MetaLoRASeededLoMD,
+    MetaLoRADistillLoMD,
     MetaLoRATrainIdentity,
     MetaLoRAApply,
     MetaLoRASaveIdentity,

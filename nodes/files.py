@@ -51,7 +51,8 @@ class MetaLoRALoadLoMD(io.ComfyNode):
             description=(
                 "Loads a LoMD (the shared, meta-learned Meta-Down of Meta-LoRA) from models/metalora. "
                 "The file is validated: a standard LoRA, an identity adapter or a damaged file is refused "
-                "with a message saying what it is."
+                "with a message saying what it is. Shows where the LoMD comes from (meta-trained, "
+                "distilled from LoRAs, or seeded = no prior)."
             ),
             inputs=[
                 io.Combo.Input(
@@ -70,7 +71,20 @@ class MetaLoRALoadLoMD(io.ComfyNode):
 
     @classmethod
     def execute(cls, lomd_name) -> io.NodeOutput:
-        return io.NodeOutput(load_lomd(metalora_path(lomd_name)))
+        lomd = load_lomd(metalora_path(lomd_name))
+        return io.NodeOutput(lomd, ui=ui.PreviewText(origin_text(lomd)))
+
+
+def origin_text(lomd) -> str:
+    """What the node shows: where the LoMD comes from (a seeded one has no prior) and its size."""
+    notes = {
+        "seeded": "seeded: NO meta-learned prior (orthonormal random Down)",
+        "distilled": "distilled from person LoRAs",
+        "meta-trained": "meta-trained",
+        "random": "random test LoMD: no prior",
+    }
+    where = notes.get(lomd.origin, "source not recorded")
+    return f"{where}; rank {lomd.shape.rank_down}, {len(lomd.targets)} layers, fingerprint {lomd.fingerprint}"
 
 
 class MetaLoRALoadIdentity(io.ComfyNode):

@@ -93,10 +93,15 @@ def test_text_encoder_and_bias_keys_are_ignored_and_listed(tmp_path):
         "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(8, 2, dtype=F64),
         "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(2, 8, dtype=F64),
         "diffusion_model.double_blocks.0.img_attn.proj.diff_b": torch.zeros(128, dtype=F64),
+        # FLUX layers outside the blocks: real FLUX LoRAs train them, no LoMD covers them
+        "lora_unet_final_layer_linear.lora_up.weight": torch.zeros(64, 2, dtype=F64),
+        "lora_unet_final_layer_linear.lora_down.weight": torch.zeros(2, 128, dtype=F64),
+        "transformer.x_embedder.lora_A.weight": torch.zeros(2, 64, dtype=F64),
+        "transformer.x_embedder.lora_B.weight": torch.zeros(128, 2, dtype=F64),
     }
     save_file(tensors, tmp_path / "te.safetensors")
     lora = scan_lora(tmp_path / "te.safetensors", D)
-    assert len(lora.ignored) == 3 and lora.layout == "kohya"
+    assert len(lora.ignored) == 7 and lora.layout == "kohya"
     layer = next(iter_layers(lora, F64))
     assert torch.allclose(layer.delta(), want, rtol=0, atol=1e-12)
 

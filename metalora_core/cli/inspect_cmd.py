@@ -6,8 +6,16 @@ import json
 import os
 
 from ..flux_model import read_flux_dims
-from ..formats import detect_kind, identity_from_tensors, lomd_from_tensors
+from ..formats import PROVENANCE_KEY, detect_kind, identity_from_tensors, lomd_from_tensors
 from ..safeio import fingerprint, load_tensors, read_keys
+
+SOURCE_NOTES = {
+    "meta-trained": "meta-learned prior (stage 1 over many identities, the paper's way)",
+    "distilled": "prior distilled from person LoRAs (their shared input subspace)",
+    "seeded": "NO prior: orthonormal random Down; behaves like a rank-r LoRA with a frozen random down projection",
+    "random": "test asset (metalora dev random-lomd): no prior",
+    "unknown": "made elsewhere or before sources were recorded",
+}
 
 
 def _flux_summary(path: str) -> dict[str, object] | None:
@@ -74,8 +82,16 @@ def summarize(path: str) -> dict[str, object]:
         )
         if kind == "lomd":
             summary["layout"] = metadata.get("format", "foreign (auto-detected)")
+            summary.update(lomd_source=parsed.origin, lomd_note=SOURCE_NOTES.get(parsed.origin, ""))
+            if metadata.get(PROVENANCE_KEY):
+                summary["provenance"] = json.loads(metadata[PROVENANCE_KEY])
         else:
-            summary.update(lomd_fingerprint=parsed.lomd_fingerprint, training=parsed.training)
+            summary.update(
+                lomd_fingerprint=parsed.lomd_fingerprint,
+                lomd_source=parsed.lomd_origin,
+                lomd_note=SOURCE_NOTES.get(parsed.lomd_origin, ""),
+                training=parsed.training,
+            )
     else:
         ranks = sorted(
             {

@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "score_cmd",
     "personalize_cmd",
     "meta_cmd",
+    "lomd_cmd",
     "lora_cmd",
 )
 EXIT_USER_ERROR = 2

@@ -33,7 +33,7 @@ from .personalize_cmd import DTYPES, ProgressBar, add_run_options
 # options whose argparse dest is a MetaConfig field of the same name
 CONFIG_ARGS = (
     "steps", "lr", "lr_heads", "weight_decay", "schedule", "warmup_steps",
-    "rank_down", "rank_mid", "alpha", "targets", "bf16", "gradient_checkpointing", "seed", "guidance", "checkpoint_every", "resume_from",
+    "rank_down", "rank_mid", "alpha", "targets", "bf16", "gradient_checkpointing", "seed", "guidance", "checkpoint_every", "resume_from", "init_lomd",
 )  # fmt: skip
 
 
@@ -246,6 +246,11 @@ def register(sub) -> None:
         "--steps", type=int, default=MetaConfig.steps, help="optimizer steps (default %(default)s)"
     )
     p.add_argument("--lr", type=float, default=MetaConfig.lr, help="Down learning rate (default %(default)s)")
+    p.add_argument(
+        "--init-lomd",
+        help="start the Down from this LoMD (e.g. from 'metalora lomd distill'); same --rank-down and "
+        "--targets. Default: orthonormal from --seed. Recorded in the LoMD's provenance",
+    )
     p.add_argument("--lr-heads", type=float, default=MetaConfig.lr_heads, help="Mid/Up heads' learning rate")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--schedule", choices=SCHEDULES, default="constant", help="LR decay after warm-up")

@@ -8,7 +8,7 @@ import torch
 
 from ..adapter import AdapterShape
 from ..flux_model import read_flux_dims
-from ..formats import IdentityAdapter, LoMD
+from ..formats import SOURCE_KEY, IdentityAdapter, LoMD
 from ..targets import DEFAULT_PRESET, FluxDims, resolve_targets
 
 
@@ -21,7 +21,8 @@ def random_lomd(
     """Orthonormal-row random Downs (as a meta-learned Down is well conditioned) for the model's targets."""
     shape = shape or AdapterShape()
     dims, _ = read_flux_dims(model_path)
-    return LoMD(orthonormal_downs(dims, shape.rank_down, preset, seed), shape, "flux", dims.hidden)
+    downs = orthonormal_downs(dims, shape.rank_down, preset, seed)
+    return LoMD(downs, shape, "flux", dims.hidden, {SOURCE_KEY: "random"})
 
 
 def orthonormal_downs(

@@ -66,3 +66,22 @@ def write_lora(
     metadata: Mapping[str, str] | None = None,
 ) -> Path:
     return save_tensors(path, lora_tensors(layers, layout, dims, dtype), dict(metadata or {}))
+
+
+def random_fused_lora(
+    dims: FluxDims, preset: str = "attn", rank: int = 2, g: torch.Generator | None = None, alpha: float = 2.0
+) -> dict[str, list[Pair]]:
+    """Random fused up/down pairs for every layer of a preset (a generic LoRA, no shared structure)."""
+    from ..targets import resolve_targets
+
+    g = g or torch.Generator().manual_seed(0)
+    return {
+        t.name: [
+            (
+                torch.randn(t.out_features, rank, generator=g),
+                torch.randn(rank, t.in_features, generator=g),
+                alpha,
+            )
+        ]
+        for t in resolve_targets(dims, preset)
+    }

@@ -74,6 +74,11 @@ _SUFFIXES = (
 _WRAPPERS = ("model.diffusion_model.", "diffusion_model.", "base_model.model.", "transformer.")
 _TEXT_ENCODER = re.compile(r"^(lora_te\d?_|text_encoder(_\d)?\.|te\d?\.|lora_te_text_model)")
 _SD_UNET = re.compile(r"(down_blocks|up_blocks|mid_block|input_blocks|output_blocks|middle_block)")
+# FLUX layers outside the blocks (embedders, final layer): real FLUX LoRAs may train them; no LoMD covers them
+_FLUX_GLOBAL = re.compile(
+    r"^(lora_unet_|lora_transformer_)?(img_in|txt_in|time_in|vector_in|guidance_in|final_layer|x_embedder|"
+    r"context_embedder|proj_out|norm_out|time_text_embed)([._]|$)"
+)
 _OTHER_ADAPTERS = ("lokr_w1", "lokr_w2", "hada_w1_a", "hada_w2_a", "dora_scale", ".oft_", "lora_mid.weight")
 _LAYERS = {"double_blocks": DOUBLE_ATTN + DOUBLE_MLP + DOUBLE_MOD, "single_blocks": SINGLE_CORE + SINGLE_MOD}
 
@@ -176,6 +181,13 @@ class LoraFile:
         return layer_shape(self._dims(), name)
 
 
+def _unwrap(prefix: str) -> str:
+    for wrapper in _WRAPPERS:
+        if prefix.startswith(wrapper):
+            return prefix[len(wrapper) :]
+    return prefix
+
+
 def _place(prefix: str) -> tuple[str, int, bool, str] | None:
     """(canonical name, piece index, split?, layout) for one key prefix, or None."""
     if prefix.startswith("lora_unet_"):
@@ -184,10 +196,7 @@ def _place(prefix: str) -> tuple[str, int, bool, str] | None:
     if prefix.startswith("lora_transformer_"):
         hit = canonical_from_kohya_diffusers(prefix)
         return (hit[0], hit[1], True, "kohya-diffusers") if hit else None
-    for wrapper in _WRAPPERS:
-        if prefix.startswith(wrapper):
-            prefix = prefix[len(wrapper) :]
-            break
+    prefix = _unwrap(prefix)
     m = re.fullmatch(r"(double_blocks|single_blocks)\.(\d+)\.(.+)", prefix)
     if m and m.group(3) in _LAYERS[m.group(1)]:
         return prefix, 0, False, "comfyui"
@@ -286,6 +295,9 @@ def scan_lora(path: str | os.PathLike, dims: FluxDims | None = None) -> LoraFile
     layouts: set[str] = set()
     for prefix, keys in groups.items():
         where = _place(prefix)
+        if where is None and _FLUX_GLOBAL.match(_unwrap(prefix)):
+            ignored += [k for k in (keys.down, keys.up, keys.alpha) if k]
+            continue
         if where is None:
             guess = "an SD/SDXL UNet" if _SD_UNET.search(prefix) else "a model other than FLUX.1"
             raise ForeignLoraError(

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..adapter import IdentityHead
-from ..formats import IdentityAdapter, LoMD
+from ..formats import SOURCE_KEY, IdentityAdapter, LoMD
 from ..inject import head_key
 from ..training.schedules import make_adamw
 
@@ -132,5 +132,6 @@ def bank_adapters(
         mids = {n: bank[f"{i}.{n}.mid"].clone() for n in layout.outs}
         ups = {n: bank[f"{i}.{n}.up"].clone() for n in layout.outs}
         training = {"method": "metalora-stage1-head", "identity": name, "steps": int(bank[f"{i}.step"])}
-        out[name] = IdentityAdapter(mids, ups, shape, lomd.fingerprint, training, "flux", lomd.hidden_size)
+        meta = {SOURCE_KEY: lomd.origin}
+        out[name] = IdentityAdapter(mids, ups, shape, lomd.fingerprint, training, "flux", lomd.hidden_size, meta)
     return out

@@ -14,6 +14,7 @@ gradients are summed (:mod:`.distributed`).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 from collections.abc import Callable
@@ -27,8 +28,8 @@ from ..adapter import AdapterShape
 from ..dev.random_assets import orthonormal_downs
 from ..errors import MetaLoRAError
 from ..flux_model import fused_shapes
-from ..formats import LoMD
-from ..targets import DEFAULT_PRESET
+from ..formats import PROVENANCE_KEY, SOURCE_KEY, LoMD, check_lomd_fits, load_lomd
+from ..targets import DEFAULT_PRESET, resolve_targets
 from ..training.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from ..training.loop import LoopSettings
 from ..training.objective import flow_loss, sample_timesteps
@@ -58,6 +59,7 @@ class MetaConfig(LoopSettings):
     rank_mid: int = 16
     alpha: float | None = None
     targets: str = DEFAULT_PRESET
+    init_lomd: str | None = None  # start the Down from this LoMD file (e.g. a distilled one)
 
     @property
     def identities_per_batch(self) -> int:
@@ -69,6 +71,29 @@ class MetaConfig(LoopSettings):
 
     def settings(self) -> dict[str, object]:
         return dataclasses.asdict(self)
+
+
+def initial_downs(backend: FluxBackend, config: MetaConfig) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The Down meta-training starts from, and what it was: seeded orthonormal, or ``config.init_lomd``.
+
+    An init LoMD must cover exactly the configured targets with ``rank_down`` rows and fit the model.
+    """
+    if not config.init_lomd:
+        init = orthonormal_downs(backend.dims, config.rank_down, config.targets, config.seed)
+        return init, {"kind": "orthonormal", "seed": str(config.seed)}
+    lomd = load_lomd(config.init_lomd)
+    check_lomd_fits(lomd, fused_shapes(backend.dims), "the FLUX model")
+    wanted = [t.name for t in resolve_targets(backend.dims, config.targets)]
+    if sorted(lomd.targets) != sorted(wanted) or lomd.shape.rank_down != config.rank_down:
+        missing = sorted(set(wanted) - set(lomd.targets)) or sorted(set(lomd.targets) - set(wanted))
+        raise MetaLoRAError(
+            f"--init-lomd {config.init_lomd}: it has rank_down {lomd.shape.rank_down} on {len(lomd.targets)} "
+            f"layers; meta-training asks rank_down {config.rank_down} on {len(wanted)} layers "
+            f"('{config.targets}'{f', first difference: {missing[0]}' if missing else ''}). Make the init LoMD "
+            "with the same --rank and --targets"
+        )
+    info = {"kind": "lomd", "fingerprint": lomd.fingerprint, "lomd_source": lomd.origin}
+    return {n: lomd.downs[n] for n in wanted}, info
 
 
 @dataclass
@@ -113,7 +138,7 @@ class MetaTrainer:
             )
         self.sampler = BucketSampler(plan, config.seed)
         dtype = torch.promote_types(backend.dtype, torch.float32)
-        init = orthonormal_downs(backend.dims, config.rank_down, config.targets, config.seed)
+        init, self.init_info = initial_downs(backend, config)
         self.downs = {n: nn.Parameter(d.to(backend.device, dtype)) for n, d in init.items()}
         shapes = fused_shapes(backend.dims)
         self.layout = BankLayout({n: shapes[n][0] for n in self.downs}, config.rank_down, config.rank_mid)
@@ -167,7 +192,9 @@ class MetaTrainer:
 
     def lomd(self) -> LoMD:
         downs = {n: p.detach().float().cpu().clone() for n, p in self.downs.items()}
-        return LoMD(downs, self.config.shape, "flux", self.backend.dims.hidden)
+        provenance = {"init": self.init_info, "steps": self.step, "identities": len(self.identities)}
+        meta = {SOURCE_KEY: "meta-trained", PROVENANCE_KEY: json.dumps(provenance)}
+        return LoMD(downs, self.config.shape, "flux", self.backend.dims.hidden, meta)
 
     # --- training ----------------------------------------------------------------------------------
 
@@ -207,11 +234,12 @@ class MetaTrainer:
             {self.data.items[i].identity for i in members if self.ctx.owns(self.data.items[i].identity)}
         )
         lr = float(self.optimizer.param_groups[0]["lr"])
+        multiplier = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)  # warm-up/decay; --lr 0 allowed
         heads, head_opt = self.bank.page_in(
             ids,
             self.downs,
             cfg.shape.scale,
-            cfg.lr_heads * lr / cfg.lr,
+            cfg.lr_heads * multiplier,
             cfg.weight_decay,
             self.backend.device,
         )

@@ -10,6 +10,8 @@ from tests.comfyui.harness import PACK_NAME, REPO
 
 NODES = {
     "MetaLoRALoadLoMD",
+    "MetaLoRASeededLoMD",
+    "MetaLoRADistillLoMD",
     "MetaLoRAApply",
     "MetaLoRASaveIdentity",
     "MetaLoRALoadIdentity",

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.distributed
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -23,6 +24,8 @@ from metalora_core.training.diffusers_backend import DiffusersFluxBackend  # noq
 def main() -> None:
     paths, config, out = json.loads(sys.argv[1]), MetaConfig(**json.loads(sys.argv[2])), Path(sys.argv[3])
     torch.set_num_threads(1)
+    if len(sys.argv) > 4:  # a group created before us with a backend for cuda only, as NCCL on a GPU
+        torch.distributed.init_process_group(backend=sys.argv[4])
     ctx = init_from_env()
     try:
         assets = {k: Path(v) for k, v in paths.items()}

@@ -1,6 +1,8 @@
-"""Two CPU processes on the gloo backend, launched with torchrun (``python -m torch.distributed.run``):
-both ranks end with the same LoMD, which matches one process with the same global batch, and the
-2-process checkpoint resumes in 1 process.
+"""Two CPU processes launched with torchrun (``python -m torch.distributed.run``): both ranks end with the
+same LoMD, which matches one process with the same global batch, and the 2-process checkpoint resumes in
+1 process. The default group is created with a backend registered for ``cuda`` only (``cuda:gloo``), so
+every CPU tensor sent through it fails exactly as it would under NCCL on GPUs ("No backend type associated
+with device type cpu"): the trainer must route CPU tensors through a group that carries them.
 
 Tolerance: the Down's gradient is summed in another order across 2 processes (float32 all-reduce) than
 in one, so weights may differ by rounding; they must agree to ``atol = 1e-5`` after 3 steps of
@@ -32,6 +34,48 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _collectives(rank: int, port: int, out: str) -> None:
+    """One process of the fast test: the default group knows only ``cuda``, every tensor is on the CPU."""
+    import torch.distributed as dist
+
+    from metalora_core.meta.distributed import (
+        all_reduce_grads,
+        all_reduce_sum,
+        gather_to_main,
+        init_from_env,
+        shutdown,
+    )
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group(backend="cuda:gloo")
+    ctx = init_from_env()
+    try:
+        p = torch.nn.Parameter(torch.zeros(3))
+        p.grad = torch.full((3,), float(rank + 1))
+        all_reduce_grads(ctx, [p])
+        total = all_reduce_sum(ctx, torch.tensor(float(rank + 1), dtype=torch.float64))
+        bank = gather_to_main(ctx, {f"h{rank}": torch.full((2,), float(rank + 5))}, {"h0": (2,), "h1": (2,)})
+        result = {
+            "grad": p.grad.tolist(),
+            "total": float(total),
+            "bank": {k: v.tolist() for k, v in (bank or {}).items()},
+        }
+        Path(out, f"r{rank}.json").write_text(json.dumps(result))
+    finally:
+        shutdown(ctx)
+
+
+def test_cpu_tensors_cross_a_group_registered_for_cuda_only(tmp_path):
+    """The NCCL bug on CPU: loss totals, CPU gradients and the checkpoint's bank gather all go through."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_collectives, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (json.loads((tmp_path / f"r{i}.json").read_text()) for i in (0, 1))
+    assert r0["grad"] == r1["grad"] == [3.0, 3.0, 3.0]
+    assert r0["total"] == r1["total"] == 3.0
+    assert r0["bank"] == {"h0": [5.0, 5.0], "h1": [6.0, 6.0]} and r1["bank"] == {}
+
+
 @pytest.mark.slow
 def test_two_processes_match_each_other_and_one_process(meta_assets, meta_backend, build, tmp_path):
     ckpt = tmp_path / "ddp.ckpt.safetensors"
@@ -41,7 +85,7 @@ def test_two_processes_match_each_other_and_one_process(meta_assets, meta_backen
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(_free_port()), str(worker), json.dumps(paths), json.dumps(config), str(tmp_path),
+        "--master_port", str(_free_port()), str(worker), json.dumps(paths), json.dumps(config), str(tmp_path), "cuda:gloo",
     ]  # fmt: skip
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]

@@ -51,6 +51,7 @@ def test_meta_train_then_personalize_then_apply(meta_assets, tmp_path, capsys):
     assert lomd.fingerprint == summary["fingerprint"] and lomd.shape.rank_down == 4
     head = load_identity(tmp_path / "heads" / "id_000.safetensors")
     assert head.lomd_fingerprint == lomd.fingerprint and any(u.abs().sum() > 0 for u in head.ups.values())
+    assert lomd.origin == "meta-trained" and head.lomd_origin == "meta-trained"
     assert (tmp_path / "lomd.cache").is_dir()  # latents cached beside the output by default
 
     identity = tmp_path / "me.safetensors"

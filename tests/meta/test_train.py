@@ -51,3 +51,41 @@ def test_resume_after_a_crash_continues_from_the_checkpoint(build, meta_backend,
     other = MetaConfig(steps=6, resume_from=ckpt, **{**FAST, "lr": 1e-3})
     with pytest.raises(Exception, match="lr"):
         MetaTrainer(meta_backend, data, plan, prepared, other).train()
+
+
+def test_lr_zero_keeps_the_down_and_still_trains_the_heads(build, meta_backend):
+    """``--lr 0`` once divided the heads' LR by the Down's: ZeroDivisionError."""
+    data, plan, prepared = build(2)
+    cfg = dict(FAST, lr=0.0)
+    trainer = MetaTrainer(meta_backend, data, plan, prepared, MetaConfig(steps=3, **cfg))
+    start = {n: p.detach().clone() for n, p in trainer.downs.items()}
+    result = trainer.train()
+    assert all(torch.equal(start[n], result.lomd.downs[n]) for n in start)
+    assert any(float(v.abs().sum()) > 0 for k, v in result.bank.items() if k.endswith(".up"))
+
+
+def test_init_lomd_is_the_starting_down_and_is_recorded(build, meta_backend, tmp_path):
+    import json
+
+    from metalora_core.adapter import AdapterShape
+    from metalora_core.errors import MetaLoRAError
+    from metalora_core.formats import PROVENANCE_KEY, SOURCE_KEY, save_lomd
+    from metalora_core.lomd.seeded import seeded_lomd
+
+    data, plan, prepared = build(2)
+    init = seeded_lomd(meta_backend.dims, AdapterShape(4, 4), "attn_mlp", seed=7)
+    path = save_lomd(tmp_path / "init.safetensors", init)
+    trainer = MetaTrainer(
+        meta_backend, data, plan, prepared, MetaConfig(steps=1, init_lomd=str(path), **FAST)
+    )
+    assert all(torch.equal(trainer.downs[n].detach().float(), init.downs[n]) for n in init.targets)
+    lomd = trainer.train().lomd
+    assert lomd.metadata[SOURCE_KEY] == "meta-trained"
+    assert json.loads(lomd.metadata[PROVENANCE_KEY])["init"] == {
+        "kind": "lomd", "fingerprint": init.fingerprint, "lomd_source": "seeded"
+    }  # fmt: skip
+    wrong = save_lomd(
+        tmp_path / "r2.safetensors", seeded_lomd(meta_backend.dims, AdapterShape(2, 4), "attn_mlp")
+    )
+    with pytest.raises(MetaLoRAError, match="rank_down 2"):
+        MetaTrainer(meta_backend, data, plan, prepared, MetaConfig(steps=1, init_lomd=str(wrong), **FAST))
