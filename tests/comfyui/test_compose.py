@@ -44,6 +44,27 @@ def test_each_strategy_runs_and_they_differ(comfy, comfy_base):
         assert (latents[a] - latents[b]).abs().max() > 1e-3, (a, b)
 
 
+def test_bypass_strategies_on_fp8_weights(comfy, comfy_base):
+    """Weights stored in fp8: the bypass path never reads them, so Composite and Switch still apply the
+    adapters, and land nearer the float32 composition than the fp8 base model does."""
+    unet8 = node("UNETLoader", unet_name="tiny_flux.safetensors", weight_dtype="fp8_e4m3fn")
+    graph = {**loaders(), "unet8": unet8, **_adapters()}
+    for name, kind in (("composite", "MetaLoRAComposeComposite"), ("switch", "MetaLoRAComposeSwitch")):
+        extra = {"every": 1} if name == "switch" else {}
+        graph[name] = node(kind, model=["unet", 0], adapters=["a_lora", 0], **extra)
+        graph[f"{name}8"] = node(kind, model=["unet8", 0], adapters=["a_lora", 0], **extra)
+        graph.update(sampler(name, [name, 0]))
+        graph.update(sampler(f"{name}8", [f"{name}8", 0]))
+    graph.update(sampler("base8", ["unet8", 0]))
+    result = comfy.run(graph)
+    assert result.status == "success", result.error
+    base8 = saved_latent(comfy_base, result, "base8_save")
+    for name in ("composite", "switch"):
+        full, fp8 = (saved_latent(comfy_base, result, f"{n}_save") for n in (name, f"{name}8"))
+        assert (fp8 - base8).abs().max() > 1e-3, name
+        assert (fp8 - full).abs().max() < (base8 - full).abs().max(), name
+
+
 def test_an_empty_composite_weight_sum_is_a_node_error(comfy):
     adapters = _adapters()
     adapters["a_id"]["inputs"]["weight"] = 0.0
