@@ -147,14 +147,18 @@ class MetaLoRAComposeSwitch(io.ComfyNode):
             "Compose Adapters (Switch)",
             "One adapter active at a time, taking turns every k sampling steps in list order (steps "
             "0..k-1 the first, then the second, ...). Adapters run in bypass mode, so switching re-patches "
-            "no weights; the cost per step is that of one adapter.",
+            "no weights; the cost per step is that of one adapter. Steps are counted within each sampler "
+            "run: a KSamplerAdvanced stage that starts at step s > 0 starts again at the first adapter.",
             [
                 io.Int.Input(
                     "every",
                     default=1,
                     min=1,
                     max=1000,
-                    tooltip="Switch to the next adapter every this many sampling steps (k).",
+                    tooltip="Switch to the next adapter every this many sampling steps (k). Steps are "
+                    "counted from the first step of each sampler run (ComfyUI gives a KSamplerAdvanced "
+                    "stage only its own part of the schedule), so a later stage starts again at the first "
+                    "adapter; to continue the turns, start it at a multiple of k and rotate its list.",
                 )
             ],
         )

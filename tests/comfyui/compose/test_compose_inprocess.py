@@ -80,13 +80,30 @@ def _sample(comfy, model, steps, latent=None, noise=None, start=None, last=None,
         ).double()
 
 
+def _stepwise(comfy, cm, flux, specs, active: list[int]):
+    """Independent reference for Switch: the sampler run one stretch at a time, stretch ``j`` with only
+    ``specs[active[j]]`` (by Merge, so no step counting is involved), each stretch continuing the last
+    one's latent on the same full schedule (KSamplerAdvanced start/last steps, no added noise)."""
+    steps, out, start = len(active), None, 0
+    while start < steps:
+        end = start + 1
+        while end < steps and active[end] == active[start]:
+            end += 1
+        model = cm.compose(flux, [specs[active[start]]], "merge")
+        if out is None:
+            out = _sample(comfy, model, steps, last=end, full=end == steps)
+        else:
+            zeros = torch.zeros_like(out)
+            out = _sample(comfy, model, steps, out, zeros, start=start, last=end, full=end == steps)
+        start = end
+    return out
+
+
 def test_switch_equals_the_single_active_adapter_at_each_step(comfy, cm, flux, assets):
     """Switch every 2 of 4 steps == 2 steps with the identity alone, then 2 with the LoRA alone."""
     specs = _specs(cm, assets, 0.9, 0.8)
     switched = _sample(comfy, cm.compose(flux, specs, "switch", 2), 4)
-    first = _sample(comfy, cm.compose(flux, specs[:1], "merge"), 4, last=2, full=False)
-    zeros = torch.zeros_like(first)
-    ref = _sample(comfy, cm.compose(flux, specs[1:], "merge"), 4, latent=first, noise=zeros, start=2)
+    ref = _stepwise(comfy, cm, flux, specs, [0, 0, 1, 1])
     assert torch.allclose(switched, ref, **TOL), (switched - ref).abs().max()
     # and the order matters: starting with the LoRA gives something else
     other = _sample(comfy, cm.compose(flux, specs[::-1], "switch", 2), 4)
@@ -97,6 +114,37 @@ def test_switch_equals_the_single_active_adapter_at_each_step(comfy, cm, flux, a
         _sample(comfy, cm.compose(flux, specs[:1], "merge"), 4),
         **TOL,
     )
+
+
+def test_switch_with_three_adapters_takes_turns_and_wraps_around(comfy, cm, flux, assets, tiny_bfl):
+    """Three adapters every 2 of 7 steps: A A B B C C A, step by step against the single adapters. With
+    three adapters and a wrap-around, a wrong step count, an index off by one, turns every step instead
+    of every k, or no wrap-around each pick another adapter at some step."""
+    lomd = assets[0]
+    b = random_adapter(lomd, tiny_bfl, seed=3, up_std=0.2)
+    specs = [*_specs(cm, assets, 0.9, 0.8), cm.AdapterSpec("identity B", 1.1, 1.0, lomd=lomd, identity=b)]
+    switched = _sample(comfy, cm.compose(flux, specs, "switch", 2), 7)
+    ref = _stepwise(comfy, cm, flux, specs, [0, 0, 1, 1, 2, 2, 0])
+    assert torch.allclose(switched, ref, **TOL), (switched - ref).abs().max()
+    # each adapter matters: the same run with the last step on the third adapter differs
+    assert (_stepwise(comfy, cm, flux, specs, [0, 0, 1, 1, 2, 2, 2]) - ref).abs().max() > 1e-4
+
+
+def test_switch_counts_steps_within_each_sampler_stage(comfy, cm, flux, assets):
+    """ComfyUI hands a KSamplerAdvanced stage only its slice of the schedule (``sample_sigmas``), so a
+    stage that starts at step 2 counts it as step 0 and starts again with the first adapter (documented
+    in the node's tooltip). A Switch with the list rotated by ``start // k`` continues the turns exactly."""
+    specs = _specs(cm, assets, 0.9, 0.8)
+    switch = cm.compose(flux, specs, "switch", 2)
+    first = _sample(comfy, switch, 4, last=2, full=False)
+    zeros = torch.zeros_like(first)
+    staged = _sample(comfy, switch, 4, first, zeros, start=2)
+    identity_alone = _sample(comfy, cm.compose(flux, specs[:1], "merge"), 4)
+    assert torch.allclose(staged, identity_alone, **TOL), (staged - identity_alone).abs().max()
+    rotated = _sample(comfy, cm.compose(flux, specs[1:] + specs[:1], "switch", 2), 4, first, zeros, start=2)
+    one_run = _sample(comfy, switch, 4)
+    assert torch.allclose(rotated, one_run, **TOL), (rotated - one_run).abs().max()
+    assert (one_run - staged).abs().max() > 1e-3
 
 
 def test_composite_equals_the_weighted_mean_of_single_adapter_predictions(comfy, cm, flux, assets):
