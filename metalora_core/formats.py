@@ -413,6 +413,67 @@ def fold_identity(
     return out
 
 
+LORA_FORMATS = ("kohya", "diffusers")
+
+
+def lora_tensors(
+    layers: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    fmt: str = "kohya",
+    dims: FluxDims | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, torch.Tensor]:
+    """Standard LoRA tensors of ``{canonical layer: (up, down)}`` with ``up @ down == delta_W`` exactly.
+
+    kohya / ComfyUI: ``lora_unet_*`` with ``alpha = rank`` (scale 1, so each layer may have its own rank);
+    diffusers / peft: ``transformer.*.lora_A/B`` with fused layers split into row slices of ``up`` sharing
+    ``down`` (``dims`` gives the slice sizes; only needed for fused layers)."""
+    tensors: dict[str, torch.Tensor] = {}
+    if fmt == "kohya":
+        for name, (up, down) in layers.items():
+            prefix = kohya_name(name)
+            tensors[f"{prefix}.lora_up.weight"] = up.to(dtype).contiguous()
+            tensors[f"{prefix}.lora_down.weight"] = down.to(dtype).contiguous()
+            tensors[f"{prefix}.alpha"] = torch.tensor(float(down.shape[0]), dtype=dtype)
+    elif fmt == "diffusers":
+        for name, (up, down) in layers.items():
+            pieces = diffusers_pieces(name, dims or FluxDims(up.shape[0], 0, 0, 0, 0, 0, 0, False, 0))
+            if len(pieces) > 1 and dims is None:
+                raise MetaLoRAError(
+                    f"writing fused layer '{name}' in diffusers naming needs the model's sizes"
+                )
+            for module, rows in pieces:
+                tensors[f"transformer.{module}.lora_A.weight"] = down.to(dtype).contiguous()
+                tensors[f"transformer.{module}.lora_B.weight"] = (
+                    (up if rows is None else up[rows]).to(dtype).contiguous()
+                )
+    else:
+        raise MetaLoRAError(f"unknown LoRA format '{fmt}' (use one of {LORA_FORMATS})")
+    return tensors
+
+
+def save_lora(
+    path: str | os.PathLike,
+    layers: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    fmt: str = "kohya",
+    dims: FluxDims | None = None,
+    dtype: torch.dtype = torch.float32,
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Write ``{canonical layer: (up, down)}`` as a standard LoRA (atomic), with kohya-style metadata."""
+    if not layers:
+        raise MetaLoRAError(f"refusing to write {path}: no layer left to save")
+    rank = max(int(down.shape[0]) for _, down in layers.values())
+    meta = {
+        "format": f"lora.{fmt}",
+        "ss_network_module": "networks.lora_flux" if fmt == "kohya" else "",
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": str(float(rank)),
+        "ss_base_model_version": "flux1",
+        **(metadata or {}),
+    }
+    return save_tensors(path, lora_tensors(layers, fmt, dims, dtype), meta)
+
+
 def export_lora(
     path: str | os.PathLike,
     lomd: LoMD,
@@ -423,32 +484,6 @@ def export_lora(
     dtype: torch.dtype = torch.float32,
 ) -> Path:
     """Write the folded identity as a standard LoRA that stock loaders read (kohya/ComfyUI or diffusers/peft)."""
+    source = {"lomd": lomd.fingerprint, "identity": adapter.fingerprint, "strength": strength}
     folded = fold_identity(lomd, adapter, strength)
-    tensors: dict[str, torch.Tensor] = {}
-    rank = adapter.shape.rank_down
-    if fmt == "kohya":
-        for name, (up, down) in folded.items():
-            prefix = kohya_name(name)
-            tensors[f"{prefix}.lora_up.weight"] = up.to(dtype)
-            tensors[f"{prefix}.lora_down.weight"] = down.to(dtype)
-            tensors[f"{prefix}.alpha"] = torch.tensor(float(rank), dtype=dtype)
-    elif fmt == "diffusers":
-        for name, (up, down) in folded.items():
-            for module, rows in diffusers_pieces(name, dims):
-                tensors[f"transformer.{module}.lora_A.weight"] = down.to(dtype)
-                tensors[f"transformer.{module}.lora_B.weight"] = (
-                    (up if rows is None else up[rows]).to(dtype).contiguous()
-                )
-    else:
-        raise MetaLoRAError(f"unknown export format '{fmt}' (use 'kohya' or 'diffusers')")
-    meta = {
-        "format": f"lora.{fmt}",
-        "ss_network_module": "networks.lora_flux" if fmt == "kohya" else "",
-        "ss_network_dim": str(rank),
-        "ss_network_alpha": str(float(rank)),
-        "ss_base_model_version": "flux1",
-        "metalora_source": json.dumps(
-            {"lomd": lomd.fingerprint, "identity": adapter.fingerprint, "strength": strength}
-        ),
-    }
-    return save_tensors(path, tensors, meta)
+    return save_lora(path, folded, fmt, dims, dtype, {"metalora_source": json.dumps(source)})

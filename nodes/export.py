@@ -13,6 +13,18 @@ from .types import CATEGORY, IdentityType, LoMDType, strength_input
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def lora_file_inputs(dtype_tooltip: str) -> list:
+    """The dtype and overwrite inputs of every node writing a LoRA into models/loras."""
+    return [
+        io.Combo.Input("dtype", options=list(DTYPES), default="fp32", tooltip=dtype_tooltip),
+        io.Boolean.Input(
+            "overwrite",
+            default=False,
+            tooltip="Replace an existing LoRA of the same name (otherwise the node stops with an error).",
+        ),
+    ]
+
+
 class MetaLoRAExportLoRA(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -38,17 +50,7 @@ class MetaLoRAExportLoRA(io.ComfyNode):
                 strength_input(
                     "Strength baked into the LoRA (then load it at strength 1.0 to match Apply at this strength)."
                 ),
-                io.Combo.Input(
-                    "dtype",
-                    options=list(DTYPES),
-                    default="fp32",
-                    tooltip="fp32 is exact; bf16 / fp16 halve the file at about 3 significant digits.",
-                ),
-                io.Boolean.Input(
-                    "overwrite",
-                    default=False,
-                    tooltip="Replace an existing LoRA of the same name (otherwise the node stops with an error).",
-                ),
+                *lora_file_inputs("fp32 is exact; bf16 / fp16 halve the file at about 3 significant digits."),
             ],
             outputs=[
                 io.String.Output(

@@ -5,10 +5,12 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 
 from .apply import MetaLoRAApply
+from .compose import NODES as COMPOSE_NODES
 from .export import MetaLoRAExportLoRA
 from .faces import MetaLoRAFaceCrop, MetaLoRAFaceSimilarity
 from .files import MetaLoRALoadIdentity, MetaLoRALoadLoMD, MetaLoRASaveIdentity
 from .lomd_sources import MetaLoRADistillLoMD, MetaLoRASeededLoMD
+from .lora_tools import NODES as LORA_TOOL_NODES
 from .model_folders import register_model_folders
 from .train_identity import MetaLoRATrainIdentity
 
@@ -23,6 +25,8 @@ NODES: list[type[io.ComfyNode]] = [
     MetaLoRAExportLoRA,
     MetaLoRAFaceCrop,
     MetaLoRAFaceSimilarity,
+    *COMPOSE_NODES,
+    *LORA_TOOL_NODES,
 ]
 
 

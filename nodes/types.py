@@ -6,6 +6,7 @@ from comfy_api.latest import io
 
 LoMDType = io.Custom("METALORA_LOMD")
 IdentityType = io.Custom("METALORA_IDENTITY")
+AdaptersType = io.Custom("METALORA_ADAPTERS")  # a list of compose_model.AdapterSpec, in chained order
 CATEGORY = "MetaLoRA"
 
 

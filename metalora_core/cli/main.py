@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "personalize_cmd",
     "meta_cmd",
     "lomd_cmd",
+    "lora_cmd",
 )
 EXIT_USER_ERROR = 2
 

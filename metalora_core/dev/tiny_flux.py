@@ -41,13 +41,10 @@ def tiny_dims(
     return FluxDims(hidden, 4 * hidden, depth, depth_single, 16, context_dim, vec_dim, guidance, 16)
 
 
-def random_bfl_state_dict(
-    dims: FluxDims = TINY_DIMS, seed: int = 0, dtype: torch.dtype = torch.float32
-) -> dict[str, torch.Tensor]:
-    """Random FLUX weights under BFL names; RMSNorm scales are 1 and weights ~N(0, 1/fan_in)."""
-    g = torch.Generator().manual_seed(seed)
+def bfl_weight_shapes(dims: FluxDims) -> dict[str, tuple[int, int]]:
+    """Every 2-D weight of a BFL FLUX checkpoint of these sizes (each also has a bias)."""
     h = dims.hidden
-    shapes: dict[str, tuple[int, ...]] = {
+    shapes: dict[str, tuple[int, int]] = {
         "img_in.weight": (h, dims.in_channels * 4),
         "txt_in.weight": (h, dims.context_dim),
         "time_in.in_layer.weight": (h, 256),
@@ -63,19 +60,36 @@ def random_bfl_state_dict(
         shapes["guidance_in.out_layer.weight"] = (h, h)
     for target in resolve_targets(dims, "all_linear"):
         shapes[f"{target.name}.weight"] = (target.out_features, target.in_features)
+    return shapes
+
+
+def bfl_norm_keys(dims: FluxDims) -> list[str]:
+    """The RMSNorm scales (``head_dim`` ones each) of a BFL FLUX checkpoint."""
+    keys = [
+        f"double_blocks.{i}.{stream}_attn.norm.{norm}.scale"
+        for i in range(dims.depth)
+        for stream in ("img", "txt")
+        for norm in ("query_norm", "key_norm")
+    ]
+    keys += [
+        f"single_blocks.{i}.norm.{norm}.scale"
+        for i in range(dims.depth_single)
+        for norm in ("query_norm", "key_norm")
+    ]
+    return keys
+
+
+def random_bfl_state_dict(
+    dims: FluxDims = TINY_DIMS, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
+    """Random FLUX weights under BFL names; RMSNorm scales are 1 and weights ~N(0, 1/fan_in)."""
+    g = torch.Generator().manual_seed(seed)
     sd: dict[str, torch.Tensor] = {}
-    for key, shape in shapes.items():
+    for key, shape in bfl_weight_shapes(dims).items():
         sd[key] = (torch.randn(shape, generator=g) / shape[1] ** 0.5).to(dtype)
         sd[key[: -len("weight")] + "bias"] = (0.01 * torch.randn(shape[0], generator=g)).to(dtype)
-    for i in range(dims.depth):
-        for stream in ("img", "txt"):
-            for norm in ("query_norm", "key_norm"):
-                sd[f"double_blocks.{i}.{stream}_attn.norm.{norm}.scale"] = torch.ones(
-                    dims.head_dim, dtype=dtype
-                )
-    for i in range(dims.depth_single):
-        for norm in ("query_norm", "key_norm"):
-            sd[f"single_blocks.{i}.norm.{norm}.scale"] = torch.ones(dims.head_dim, dtype=dtype)
+    for key in bfl_norm_keys(dims):
+        sd[key] = torch.ones(dims.head_dim, dtype=dtype)
     return sd
 
 

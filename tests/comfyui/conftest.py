@@ -5,6 +5,7 @@ Run: ``COMFYUI_PATH=/path/to/ComfyUI /path/to/comfy-venv/bin/python -m pytest te
 
 One server per session (start-up is the slow part). The base folder holds:
 - models/diffusion_models/tiny_flux.safetensors (hidden 128, context 64, pooled 32) and tiny_flux_256 (hidden 256)
+- models/loras/style_lora.safetensors (a random rank-4 LoRA in diffusers naming, for composition)
 - models/metalora/lomd.safetensors + identity.safetensors (random, non-zero Up), identity_seeded.safetensors
   (trained, as it were, on the Seeded LoMD node's default LoMD of tiny_flux), lomd_misfit.safetensors
   (made for the hidden-256 model, so it does not fit tiny_flux), lomd_broken.safetensors (not safetensors)
@@ -84,7 +85,7 @@ def comfy_base(comfyui_path, tmp_path_factory) -> Path:
     from metalora_core.dev.tiny_faces import write_tiny_face_models
     from metalora_core.dev.tiny_flux import TINY_DIMS, tiny_dims, write_tiny_flux
     from metalora_core.flux_model import read_flux_dims
-    from metalora_core.formats import save_identity, save_lomd
+    from metalora_core.formats import export_lora, save_identity, save_lomd
     from metalora_core.lomd.seeded import seeded_lomd
 
     base = build_base_dir(tmp_path_factory.mktemp("comfy_base"))
@@ -97,6 +98,10 @@ def comfy_base(comfyui_path, tmp_path_factory) -> Path:
     save_lomd(models / "metalora" / "lomd.safetensors", lomd)
     save_identity(
         models / "metalora" / "identity.safetensors", random_adapter(lomd, flux, seed=2, up_std=0.05)
+    )
+    style = random_adapter(lomd, flux, seed=5, up_std=0.2)  # an ordinary LoRA file (diffusers naming)
+    export_lora(
+        models / "loras" / "style_lora.safetensors", lomd, style, read_flux_dims(flux)[0], "diffusers"
     )
     misfit = random_lomd(big, AdapterShape(4, 8), "attn_mlp", seed=3)
     save_lomd(models / "metalora" / "lomd_misfit.safetensors", misfit)
