@@ -33,6 +33,12 @@ def _stub_torchaudio(root: Path) -> None:
     sys.path.insert(0, str(root))
 
 
+def _inside(module, root: Path) -> bool:
+    """Whether ``module`` was loaded from ``root`` (a file or a package folder under it)."""
+    where = [getattr(module, "__file__", None)] + list(getattr(module, "__path__", None) or [])
+    return any(p and Path(p).resolve().is_relative_to(root) for p in where)
+
+
 @pytest.fixture(scope="package")
 def comfy(tmp_path_factory):
     """ComfyUI's modules, imported in this process on the CPU (skips without COMFYUI_PATH).
@@ -57,12 +63,17 @@ def comfy(tmp_path_factory):
     import comfy.sd
 
     yield comfy
-    tops = {p.stem for p in root.iterdir()} | {PACK_PREFIX}
-    if str(stubs) in sys.path:
-        tops.add("torchaudio")
-    for name in list(sys.modules):
-        if name.split(".")[0] in tops:
-            del sys.modules[name]
+    tops = {p.stem for p in root.iterdir()}
+    ours = {PACK_PREFIX} | ({"torchaudio"} if str(stubs) in sys.path else set())
+    # ComfyUI has a ``tests`` folder too: only its own modules leave, never this repo's ``tests.*`` (all chosen
+    # before any leaves: a namespace package finds its folders through its parent's entry)
+    leaving = [
+        name
+        for name, module in list(sys.modules.items())
+        if name.split(".")[0] in ours or (name.split(".")[0] in tops and _inside(module, root))
+    ]
+    for name in leaving:
+        del sys.modules[name]
     if added:
         sys.path.remove(COMFYUI_PATH)
     if str(stubs) in sys.path:
