@@ -100,7 +100,7 @@ def test_a_fresh_train_node_keeps_its_seed_fixed(opened):
     assert control["value"] == "fixed"  # randomize would draw a new seed, and so retrain, on every Run
 
 
-@pytest.mark.parametrize("name", ["personalize", "score", "export"])
+@pytest.mark.parametrize("name", ["personalize", "score", "export", "compose"])
 def test_workflow_widget_values_land_on_their_widgets(opened, comfy, name):
     from tests.comfyui.workflows import widget_values_problems, workflow
 
@@ -116,7 +116,7 @@ def test_workflow_widget_values_land_on_their_widgets(opened, comfy, name):
     assert not problems, "\n".join(problems)
 
 
-@pytest.mark.parametrize("name", ["personalize", "score", "export"])
+@pytest.mark.parametrize("name", ["personalize", "score", "export", "compose"])
 def test_workflow_opens_readable_without_overlaps(opened, name):
     view = opened["workflows"][_title(name)]
     scale, (ox, oy) = view["ds"]["scale"], view["ds"]["offset"]
@@ -151,7 +151,7 @@ def test_workflow_opens_readable_without_overlaps(opened, name):
                 )
 
 
-@pytest.mark.parametrize("name", ["personalize", "score", "export"])
+@pytest.mark.parametrize("name", ["personalize", "score", "export", "compose"])
 def test_workflow_queues_with_only_missing_model_errors(opened, comfy, name):
     from tests.comfyui.harness import ComfyError
     from tests.comfyui.workflows import missing_file_errors_only
@@ -162,7 +162,7 @@ def test_workflow_queues_with_only_missing_model_errors(opened, comfy, name):
     assert not missing_file_errors_only(refused.value.payload), refused.value.payload
 
 
-@pytest.mark.parametrize("name", ["personalize", "score", "export"])
+@pytest.mark.parametrize("name", ["personalize", "score", "export", "compose"])
 def test_workflow_runs_on_the_tiny_flux(opened, comfy, comfy_base, name):
     from tests.comfyui.workflows import on_tiny_flux
 
@@ -176,12 +176,19 @@ def test_workflow_runs_on_the_tiny_flux(opened, comfy, comfy_base, name):
         assert (comfy_base / "models" / "metalora" / f"ohwx_identity_{tag}.safetensors").is_file()
     if name == "export":
         assert (comfy_base / "models" / "loras" / f"metalora_identity_{tag}.safetensors").is_file()
+    if name == "compose":  # merge, switch and composite each save their image
+        assert len(list((comfy_base / "output").rglob(f"*_{tag}_*.png"))) == 3
 
 
 def _title(name: str) -> str:
     from tests.comfyui import workflows
 
-    return {"personalize": workflows.PERSONALIZE, "score": workflows.SCORE, "export": workflows.EXPORT}[name]
+    return {
+        "personalize": workflows.PERSONALIZE,
+        "score": workflows.SCORE,
+        "export": workflows.EXPORT,
+        "compose": workflows.COMPOSE,
+    }[name]
 
 
 def _overlap(a, b) -> bool:

@@ -17,7 +17,8 @@ EXAMPLES = REPO / "example_workflows"
 PERSONALIZE = "Meta-LoRA 1 - Personalize FLUX.1-dev from one photo"
 SCORE = "Meta-LoRA 2 - Score an identity with R-FaceSim"
 EXPORT = "Meta-LoRA 3 - Export an identity as a standard LoRA"
-ALL = (PERSONALIZE, SCORE, EXPORT)
+COMPOSE = "Meta-LoRA 4 - Compose an identity with a style LoRA"
+ALL = (PERSONALIZE, SCORE, EXPORT, COMPOSE)
 
 
 def workflow(name: str) -> dict:
@@ -128,7 +129,8 @@ def missing_file_errors_only(payload: dict) -> list[str]:
 
 def on_tiny_flux(prompt: dict, tag: str) -> dict:
     """An API prompt converted by the front end, with the tiny FLUX and the test nodes substituted for the
-    FLUX.1-dev files (text encoders and VAE become the test nodes), 2 steps, and file names tagged unique."""
+    FLUX.1-dev files (text encoders and VAE become the test nodes), 2 steps, and saved file names (identities,
+    LoRAs, images) tagged unique."""
     from tests.comfyui.graphs import TINY_COND
     from tests.comfyui.harness import node
 
@@ -156,9 +158,12 @@ def on_tiny_flux(prompt: dict, tag: str) -> dict:
             "KSampler": {"steps": 2},
             "EmptySD3LatentImage": {"width": 64, "height": 64},
             "MetaLoRAFaceSimilarity": {"face_model": "tiny"},
+            "MetaLoRAAdapterLoRA": {"lora_name": "style_lora.safetensors"},
         }.get(kind, {})
         if kind in ("MetaLoRASaveIdentity", "MetaLoRAExportLoRA"):
             changes = {"filename": f"{inputs['filename']}_{tag}"}
+        if kind == "SaveImage":
+            changes = {"filename_prefix": f"{inputs['filename_prefix']}_{tag}"}
         out[node_id] = {**entry, "inputs": {**inputs, **changes}}
     return out
 
