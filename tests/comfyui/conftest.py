@@ -5,7 +5,9 @@ Run: ``COMFYUI_PATH=/path/to/ComfyUI /path/to/comfy-venv/bin/python -m pytest te
 
 One server per session (start-up is the slow part). The base folder holds:
 - models/diffusion_models/tiny_flux.safetensors (hidden 128, context 64, pooled 32) and tiny_flux_256 (hidden 256)
-- models/loras/style_lora.safetensors (a random rank-4 LoRA in diffusers naming, for composition)
+- models/loras/style_lora.safetensors (a random rank-4 LoRA in diffusers naming, for composition) and
+  style_lora_b.safetensors (another, kohya naming: the LoRA tools of workflow 5 take two)
+- models/diffusion_models/tiny_flux_tuned.safetensors (tiny_flux plus a rank-2 change: a "fine-tune")
 - models/metalora/lomd.safetensors + identity.safetensors (random, non-zero Up), identity_seeded.safetensors
   (trained, as it were, on the Seeded LoMD node's default LoMD of tiny_flux), lomd_misfit.safetensors
   (made for the hidden-256 model, so it does not fit tiny_flux), lomd_broken.safetensors (not safetensors)
@@ -56,6 +58,20 @@ def _images(folder: Path) -> dict[str, Path]:
     return out
 
 
+def _fine_tune(flux: Path, out: Path) -> None:
+    """tiny_flux with a rank-2 change in two layers: a "fine-tuned checkpoint" to extract a LoRA from."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(flux))
+    g = torch.Generator().manual_seed(3)
+    for name in ("double_blocks.0.img_attn.qkv.weight", "single_blocks.1.linear2.weight"):
+        w = sd[name]
+        delta = torch.randn(w.shape[0], 2, generator=g) @ torch.randn(2, w.shape[1], generator=g)
+        sd[name] = (w.float() + 0.05 * delta).to(w.dtype)
+    save_file(sd, str(out))
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """Under METALORA_NO_SKIPS=1 (CI, which provides ComfyUI, ComfyUI-GGUF, chromium and comfy-cli) a skipped
@@ -103,6 +119,9 @@ def comfy_base(comfyui_path, tmp_path_factory) -> Path:
     export_lora(
         models / "loras" / "style_lora.safetensors", lomd, style, read_flux_dims(flux)[0], "diffusers"
     )
+    other = random_adapter(lomd, flux, seed=6, up_std=0.2)  # a second one, kohya naming (LoRA tools)
+    export_lora(models / "loras" / "style_lora_b.safetensors", lomd, other, read_flux_dims(flux)[0])
+    _fine_tune(flux, models / "diffusion_models" / "tiny_flux_tuned.safetensors")
     misfit = random_lomd(big, AdapterShape(4, 8), "attn_mlp", seed=3)
     save_lomd(models / "metalora" / "lomd_misfit.safetensors", misfit)
     save_identity(

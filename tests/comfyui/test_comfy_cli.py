@@ -64,6 +64,6 @@ def test_comfy_cli_runs_each_workflow_on_the_tiny_flux(comfy, comfy_base, home, 
     api.write_text(json.dumps(on_tiny_flux(envelope["data"]["prompt"], tag)))
     rc, envelope = comfy_cli(comfy, home, "--workflow", str(api), "--wait", "--timeout", "600")
     assert rc == 0 and envelope["ok"], envelope
-    saved = list((comfy_base / "models").rglob(f"*_{tag}.safetensors"))  # an identity (1), a LoRA (3)
+    saved = list((comfy_base / "models").rglob(f"*_{tag}.safetensors"))  # an identity (1, 5), LoRAs (3, 5)
     saved += (comfy_base / "output").rglob(f"*_{tag}_*.png")  # images (1, 2, 4)
     assert saved, envelope

@@ -90,6 +90,7 @@ def test_extension_badge_and_chart_in_the_real_front_end(comfy):
 # Screen pixels the front end covers with its own chrome at 1600x900: the left tool bar, the tab bar and the
 # floating graph tool bar / Run button row. A node a user must see lies inside the rest.
 VISIBLE = (60, 90, 1590, 890)
+NAMES = ["personalize", "score", "export", "compose", "lora_tools"]
 
 
 def test_a_fresh_train_node_keeps_its_seed_fixed(opened):
@@ -100,7 +101,7 @@ def test_a_fresh_train_node_keeps_its_seed_fixed(opened):
     assert control["value"] == "fixed"  # randomize would draw a new seed, and so retrain, on every Run
 
 
-@pytest.mark.parametrize("name", ["personalize", "score", "export", "compose"])
+@pytest.mark.parametrize("name", NAMES)
 def test_workflow_widget_values_land_on_their_widgets(opened, comfy, name):
     from tests.comfyui.workflows import widget_values_problems, workflow
 
@@ -116,7 +117,7 @@ def test_workflow_widget_values_land_on_their_widgets(opened, comfy, name):
     assert not problems, "\n".join(problems)
 
 
-@pytest.mark.parametrize("name", ["personalize", "score", "export", "compose"])
+@pytest.mark.parametrize("name", NAMES)
 def test_workflow_opens_readable_without_overlaps(opened, name):
     view = opened["workflows"][_title(name)]
     scale, (ox, oy) = view["ds"]["scale"], view["ds"]["offset"]
@@ -151,7 +152,7 @@ def test_workflow_opens_readable_without_overlaps(opened, name):
                 )
 
 
-@pytest.mark.parametrize("name", ["personalize", "score", "export", "compose"])
+@pytest.mark.parametrize("name", NAMES)
 def test_workflow_queues_with_only_missing_model_errors(opened, comfy, name):
     from tests.comfyui.harness import ComfyError
     from tests.comfyui.workflows import missing_file_errors_only
@@ -162,7 +163,7 @@ def test_workflow_queues_with_only_missing_model_errors(opened, comfy, name):
     assert not missing_file_errors_only(refused.value.payload), refused.value.payload
 
 
-@pytest.mark.parametrize("name", ["personalize", "score", "export", "compose"])
+@pytest.mark.parametrize("name", NAMES)
 def test_workflow_runs_on_the_tiny_flux(opened, comfy, comfy_base, name):
     from tests.comfyui.workflows import on_tiny_flux
 
@@ -178,6 +179,11 @@ def test_workflow_runs_on_the_tiny_flux(opened, comfy, comfy_base, name):
         assert (comfy_base / "models" / "loras" / f"metalora_identity_{tag}.safetensors").is_file()
     if name == "compose":  # merge, switch and composite each save their image
         assert len(list((comfy_base / "output").rglob(f"*_{tag}_*.png"))) == 3
+    if name == "lora_tools":  # the distilled LoMD, the identity trained on it and one LoRA per tool
+        models = comfy_base / "models"
+        assert (models / "metalora" / f"distilled_lomd_{tag}.safetensors").is_file()
+        assert (models / "metalora" / f"ohwx_identity_distilled_{tag}.safetensors").is_file()
+        assert len(list((models / "loras").glob(f"*_{tag}.safetensors"))) == 5
 
 
 def _title(name: str) -> str:
@@ -188,6 +194,7 @@ def _title(name: str) -> str:
         "score": workflows.SCORE,
         "export": workflows.EXPORT,
         "compose": workflows.COMPOSE,
+        "lora_tools": workflows.LORA_TOOLS,
     }[name]
 
 

@@ -73,6 +73,21 @@ def test_example_workflows_are_listed_and_served(comfy):
         assert workflow["nodes"], stem
 
 
+def test_every_node_of_the_pack_is_in_an_example_workflow(comfy):
+    """Each node a user can add is shown working in at least one template (test-only nodes aside)."""
+    ours = {
+        name
+        for name, spec in comfy.object_info().items()
+        if name.startswith("MetaLoRA") and not spec["category"].startswith("MetaLoRA/testing")
+    }
+    used = {
+        n["type"]
+        for path in (REPO / "example_workflows").glob("*.json")
+        for n in json.loads(path.read_text())["nodes"]
+    }
+    assert ours and not ours - used, f"in no example workflow: {sorted(ours - used)}"
+
+
 def test_front_end_extension_is_served(comfy):
     extensions = comfy.get("/extensions")
     ours = [e for e in extensions if e.startswith(f"/extensions/{PACK_NAME}/")]

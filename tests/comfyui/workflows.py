@@ -18,7 +18,8 @@ PERSONALIZE = "Meta-LoRA 1 - Personalize FLUX.1-dev from one photo"
 SCORE = "Meta-LoRA 2 - Score an identity with R-FaceSim"
 EXPORT = "Meta-LoRA 3 - Export an identity as a standard LoRA"
 COMPOSE = "Meta-LoRA 4 - Compose an identity with a style LoRA"
-ALL = (PERSONALIZE, SCORE, EXPORT, COMPOSE)
+LORA_TOOLS = "Meta-LoRA 5 - Make a LoMD from your LoRAs, and LoRA file tools"
+ALL = (PERSONALIZE, SCORE, EXPORT, COMPOSE, LORA_TOOLS)
 
 
 def workflow(name: str) -> dict:
@@ -37,6 +38,13 @@ FILE_INPUTS = {
     "identity_name",
     "image",
     "face_model",
+    "lora_a",  # the LoRA tools' inputs
+    "lora_b",
+    "lora_1",
+    "lora_2",
+    "lora",
+    "base_model",
+    "tuned_model",
 }
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 SEED_CONTROLS = ("fixed", "increment", "decrement", "randomize")
@@ -127,10 +135,20 @@ def missing_file_errors_only(payload: dict) -> list[str]:
     return bad
 
 
+STYLE_A, STYLE_B = "style_lora.safetensors", "style_lora_b.safetensors"  # in the test base's models/loras
+LORA_TOOL_NODES = (
+    "MetaLoRALoraDifference",
+    "MetaLoRALoraMerge",
+    "MetaLoRALoraResize",
+    "MetaLoRALoraRescale",
+    "MetaLoRALoraExtract",
+)
+
+
 def on_tiny_flux(prompt: dict, tag: str) -> dict:
     """An API prompt converted by the front end, with the tiny FLUX and the test nodes substituted for the
-    FLUX.1-dev files (text encoders and VAE become the test nodes), 2 steps, and saved file names (identities,
-    LoRAs, images) tagged unique."""
+    FLUX.1-dev files (text encoders and VAE become the test nodes), 2 steps, the test base's LoRAs and
+    checkpoints for the user's, and saved file names (identities, LoRAs, LoMDs, images) tagged unique."""
     from tests.comfyui.graphs import TINY_COND
     from tests.comfyui.harness import node
 
@@ -158,10 +176,24 @@ def on_tiny_flux(prompt: dict, tag: str) -> dict:
             "KSampler": {"steps": 2},
             "EmptySD3LatentImage": {"width": 64, "height": 64},
             "MetaLoRAFaceSimilarity": {"face_model": "tiny"},
+            "MetaLoRAFaceCrop": {"face_model": "tiny"},
             "MetaLoRAAdapterLoRA": {"lora_name": "style_lora.safetensors"},
+            # two LoRAs of the tiny FLUX (not the whole loras folder other tests keep writing into)
+            "MetaLoRADistillLoMD": {"loras": f"{STYLE_A}\n{STYLE_B}"},
+            "MetaLoRALoraDifference": {"lora_a": STYLE_A, "lora_b": STYLE_B},
+            "MetaLoRALoraMerge": {"lora_1": STYLE_A, "lora_2": STYLE_B},
+            "MetaLoRALoraResize": {"lora": STYLE_A, "rank": 2},
+            "MetaLoRALoraRescale": {"lora": STYLE_A},
+            "MetaLoRALoraExtract": {
+                "base_model": "tiny_flux.safetensors",
+                "tuned_model": "tiny_flux_tuned.safetensors",
+                "rank": 2,
+            },
         }.get(kind, {})
-        if kind in ("MetaLoRASaveIdentity", "MetaLoRAExportLoRA"):
-            changes = {"filename": f"{inputs['filename']}_{tag}"}
+        if kind in ("MetaLoRASaveIdentity", "MetaLoRAExportLoRA") or kind in LORA_TOOL_NODES:
+            changes = {**changes, "filename": f"{inputs['filename']}_{tag}"}
+        if kind == "MetaLoRADistillLoMD" and inputs["save_as"]:
+            changes = {**changes, "save_as": f"{inputs['save_as']}_{tag}"}
         if kind == "SaveImage":
             changes = {"filename_prefix": f"{inputs['filename_prefix']}_{tag}"}
         out[node_id] = {**entry, "inputs": {**inputs, **changes}}
