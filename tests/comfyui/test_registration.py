@@ -8,16 +8,27 @@ from urllib.parse import quote
 from tests.comfyui.graphs import loaders
 from tests.comfyui.harness import PACK_NAME, REPO
 
-NODES = {
+NODES = {  # every node the pack ships; a node missing here is caught by the "every MetaLoRA node" loop below
     "MetaLoRALoadLoMD",
     "MetaLoRASeededLoMD",
     "MetaLoRADistillLoMD",
     "MetaLoRAApply",
+    "MetaLoRATrainIdentity",
     "MetaLoRASaveIdentity",
     "MetaLoRALoadIdentity",
     "MetaLoRAExportLoRA",
     "MetaLoRAFaceCrop",
     "MetaLoRAFaceSimilarity",
+    "MetaLoRAAdapterIdentity",
+    "MetaLoRAAdapterLoRA",
+    "MetaLoRAComposeMerge",
+    "MetaLoRAComposeSwitch",
+    "MetaLoRAComposeComposite",
+    "MetaLoRALoraDifference",
+    "MetaLoRALoraMerge",
+    "MetaLoRALoraResize",
+    "MetaLoRALoraRescale",
+    "MetaLoRALoraExtract",
 }
 
 
@@ -25,6 +36,8 @@ def test_every_node_has_tooltips_description_category(comfy):
     info = comfy.object_info()
     missing = NODES - set(info)
     assert not missing, f"not registered: {missing}\n{comfy.log_tail()}"
+    shipped = {n for n, v in info.items() if n.startswith("MetaLoRA") and v["category"] != "MetaLoRA/testing"}
+    assert shipped == NODES, f"list every shipped node here: {sorted(shipped ^ NODES)}"
     for name in NODES:
         node = info[name]
         assert node["category"].startswith("MetaLoRA/"), name
