@@ -83,6 +83,18 @@ def test_face_crop_returns_crop_and_mask(comfy, comfy_base):
     assert magenta.mean() > 0.05
 
 
+def _crop(image: list, size: int, if_no_face: str) -> dict:
+    return node(
+        "MetaLoRAFaceCrop",
+        image=image,
+        face_model="tiny",
+        margin=0.5,
+        size=size,
+        face_index=0,
+        if_no_face=if_no_face,
+    )
+
+
 def _face_then_faceless(comfy, if_no_face: str):
     """Face Crop over the batch [face_a, noface] in one mode: the run, and the crops, masks and report."""
     return comfy.run(
@@ -90,15 +102,7 @@ def _face_then_faceless(comfy, if_no_face: str):
             "face": _load("face_a.png"),
             "noface": _load("noface.png"),
             "batch": node("ImageBatch", image1=["face", 0], image2=["noface", 0]),
-            "crop": node(
-                "MetaLoRAFaceCrop",
-                image=["batch", 0],
-                face_model="tiny",
-                margin=0.5,
-                size=256,
-                face_index=0,
-                if_no_face=if_no_face,
-            ),
+            "crop": _crop(["batch", 0], 256, if_no_face),
             "mask_img": node("MaskToImage", mask=["crop", 1]),
             "save": node("SaveImage", images=["crop", 0], filename_prefix="facecrop_batch"),
             "save_mask": node("SaveImage", images=["mask_img", 0], filename_prefix="facemask_batch"),
@@ -141,15 +145,7 @@ def test_face_crop_skips_a_faceless_image_and_reports_it(comfy, comfy_base):
     alone = comfy.run(
         {
             "img": _load("noface.png"),
-            "crop": node(
-                "MetaLoRAFaceCrop",
-                image=["img", 0],
-                face_model="tiny",
-                margin=0.5,
-                size=128,
-                face_index=0,
-                if_no_face="skip",
-            ),
+            "crop": _crop(["img", 0], 128, "skip"),
             "save": node("SaveImage", images=["crop", 0], filename_prefix="facecrop_none"),
             "report": node("PreviewAny", source=["crop", 2]),
         }
