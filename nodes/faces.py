@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import threading
 
+import comfy.model_management
 import numpy as np
 import torch
 from comfy_api.latest import io
 
 from ..metalora_core.errors import MetaLoRAError
-from ..metalora_core.faces import FaceAnalyzer, face_crop, load_analyzer, r_facesim, to_rgb_uint8
+from ..metalora_core.faces import NO_FACE_MODES, FaceAnalyzer, crop_batch, load_analyzer, r_facesim
 from .model_folders import face_model_root, face_models
 from .types import CATEGORY
 
@@ -55,8 +56,10 @@ class MetaLoRAFaceCrop(io.ComfyNode):
             category=f"{CATEGORY}/faces",
             description=(
                 "Finds the largest face (or the n-th by size) in each image and returns a square crop around "
-                "it plus a soft face mask (1 on the face, fading to 0). An image without a face stops the "
-                "node with an error naming it."
+                "it plus a soft face mask (1 on the face, fading to 0). An image without a face becomes the "
+                "whole image (centre square, all-zero mask), is left out, or stops the node naming it "
+                "(if_no_face); the report says how many had a face and which had none. If every image is "
+                "skipped, the whole images come back (a batch cannot be empty) and the report says so."
             ),
             inputs=[
                 io.Image.Input("image", tooltip="Photo(s) to crop; every image of the batch is cropped."),
@@ -84,29 +87,43 @@ class MetaLoRAFaceCrop(io.ComfyNode):
                     max=63,
                     tooltip="Which face when there are several: 0 = the largest, 1 = the second largest, ...",
                 ),
+                io.Combo.Input(
+                    "if_no_face",
+                    options=list(NO_FACE_MODES),
+                    default="whole image",
+                    optional=True,  # API prompts saved before this input existed still validate
+                    tooltip="An image without a (face_index-th) face: 'whole image' = its centre square "
+                    "with an all-zero mask (the batch keeps its length and order); 'skip' = left out of "
+                    "the batch (all skipped: the whole images come back); 'error' = stop, naming the image. "
+                    "The report lists the faceless images in every case.",
+                ),
             ],
             outputs=[
                 io.Image.Output(display_name="crop", tooltip="The face crops."),
-                io.Mask.Output(display_name="mask", tooltip="Soft face masks in the crops' pixels."),
+                io.Mask.Output(
+                    display_name="mask", tooltip="Soft face masks in the crops' pixels (all zero: no face)."
+                ),
+                io.String.Output(
+                    display_name="report",
+                    tooltip="How many images had a face, which batch indices had none and what became of them.",
+                ),
             ],
         )
 
     @classmethod
-    def execute(cls, image, face_model, margin, size, face_index) -> io.NodeOutput:
+    def execute(cls, image, face_model, margin, size, face_index, if_no_face="whole image") -> io.NodeOutput:
         analyzer = analyzer_for(face_model)
-        crops, masks = [], []
-        for i in range(image.shape[0]):
-            rgb = to_rgb_uint8(image[i])
+
+        def find_face(rgb: np.ndarray):
+            comfy.model_management.throw_exception_if_processing_interrupted()
             face = analyzer.analyze(rgb, face_index).face
-            if face is None:
-                raise MetaLoRAError(
-                    f"image {i} of the batch has no detectable face (face_index {face_index}); use a photo "
-                    "where the face is visible and at least ~64 pixels wide"
-                )
-            crop = face_crop(rgb, face.bbox, margin=margin, aspect="square", size=(size, size))
-            crops.append(to_comfy_image(crop.image))
-            masks.append(torch.from_numpy(crop.mask))
-        return io.NodeOutput(torch.stack(crops), torch.stack(masks))
+            return None if face is None else face.bbox
+
+        what = f"face (face_index {face_index})" if face_index else "face"
+        batch = crop_batch(list(image), find_face, margin, size, if_no_face, what=what)
+        crops = torch.stack([to_comfy_image(crop.image) for crop in batch.crops])
+        masks = torch.stack([torch.from_numpy(crop.mask) for crop in batch.crops])
+        return io.NodeOutput(crops, masks, batch.report)
 
 
 class MetaLoRAFaceSimilarity(io.ComfyNode):

@@ -10,6 +10,7 @@ hard edge the model could learn.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -152,3 +153,82 @@ def face_box(image, analyzer, index: int = 0, margin: float = 0.0) -> Box | None
         h, w = rgb.shape[:2]
         return max(0, x0), max(0, y0), min(w, x1), min(h, y1)
     return expand_box(face.bbox, margin, rgb.shape[:2], aspect=None)
+
+
+NO_FACE_MODES = ("whole image", "skip", "error")
+
+
+def whole_image_crop(image, size: int) -> FaceCrop:
+    """The largest centred square of ``image`` resized to ``size`` with an all-zero mask: the stand-in for a
+    photo without a face, so a batch keeps its length and the mask says "no face here"."""
+    rgb = to_rgb_uint8(image)
+    h, w = rgb.shape[:2]
+    side = min(h, w)
+    left, top = (w - side) // 2, (h - side) // 2
+    crop = resize_rgb(rgb[top : top + side, left : left + side], (size, size))
+    mask = np.zeros((size, size), np.float32)
+    return FaceCrop(
+        np.ascontiguousarray(crop),
+        (left, top, left + side, top + side),
+        (0.0, 0.0, 0.0, 0.0),
+        mask,
+        (size / side, size / side),
+    )
+
+
+@dataclass
+class BatchCrops:
+    """Face Crop over a batch: the crops (never empty), the source index of each, the faceless indices and
+    a one-paragraph report saying what happened to them."""
+
+    crops: list[FaceCrop]
+    sources: list[int]
+    faceless: list[int]
+    report: str
+
+
+def crop_batch(
+    images: Sequence,
+    find_face: Callable[[np.ndarray], tuple | None],
+    margin: float,
+    size: int,
+    if_no_face: str = "whole image",
+    what: str = "face",
+) -> BatchCrops:
+    """Square face crops of every image; ``find_face(rgb)`` gives a face box or None. A faceless image is
+    replaced by :func:`whole_image_crop` ('whole image'), left out ('skip') or raises naming its index
+    ('error'; ``what`` names the face sought in that message). A batch cannot be empty, so when 'skip' leaves nothing the whole images come back instead
+    (zero masks) and the report says so."""
+    if if_no_face not in NO_FACE_MODES:
+        raise MetaLoRAError(f"if_no_face must be one of {NO_FACE_MODES}, got {if_no_face!r}")
+    rgbs = [to_rgb_uint8(image) for image in images]
+    crops: list[FaceCrop] = []
+    sources: list[int] = []
+    faceless: list[int] = []
+    for i, rgb in enumerate(rgbs):
+        box = find_face(rgb)
+        if box is None:
+            if if_no_face == "error":
+                raise MetaLoRAError(
+                    f"image {i} of the batch has no detectable {what}; use a photo where the face is visible "
+                    "and at least ~64 pixels wide, or set if_no_face to 'whole image' or 'skip'"
+                )
+            faceless.append(i)
+            if if_no_face == "skip":
+                continue
+            crops.append(whole_image_crop(rgb, size))
+        else:
+            crops.append(face_crop(rgb, box, margin=margin, aspect="square", size=(size, size)))
+        sources.append(i)
+    total = len(rgbs)
+    lines = [f"{total - len(faceless)} of {total} images had a face."]
+    if faceless:
+        what = "skipped" if if_no_face == "skip" else "whole image, zero mask"
+        lines.append(f"No face in image(s) {', '.join(map(str, faceless))} ({what}).")
+    if not crops:
+        crops = [whole_image_crop(rgb, size) for rgb in rgbs]
+        sources = list(range(total))
+        lines.append(
+            "No image had a face: returning the whole images with zero masks (a batch cannot be empty)."
+        )
+    return BatchCrops(crops, sources, faceless, " ".join(lines))

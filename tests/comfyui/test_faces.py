@@ -59,7 +59,7 @@ def test_rfacesim_excludes_the_personalization_photo_and_matches_the_library(com
     assert expected < 0.99
 
 
-def test_face_crop_returns_crop_and_mask_and_names_a_faceless_image(comfy, comfy_base):
+def test_face_crop_returns_crop_and_mask(comfy, comfy_base):
     result = comfy.run(
         {
             "img": _load("face_a.png"),
@@ -82,15 +82,82 @@ def test_face_crop_returns_crop_and_mask_and_names_a_faceless_image(comfy, comfy
     magenta = (crop[..., 0] > 200) & (crop[..., 1] < 60) & (crop[..., 2] > 200)
     assert magenta.mean() > 0.05
 
-    faceless = comfy.run(
+
+def _crop(image: list, size: int, if_no_face: str) -> dict:
+    return node(
+        "MetaLoRAFaceCrop",
+        image=image,
+        face_model="tiny",
+        margin=0.5,
+        size=size,
+        face_index=0,
+        if_no_face=if_no_face,
+    )
+
+
+def _face_then_faceless(comfy, if_no_face: str):
+    """Face Crop over the batch [face_a, noface] in one mode: the run, and the crops, masks and report."""
+    return comfy.run(
         {
-            "img": _load("noface.png"),
-            "crop": node(
-                "MetaLoRAFaceCrop", image=["img", 0], face_model="tiny", margin=0.5, size=256, face_index=0
-            ),
-            "save": node("SaveImage", images=["crop", 0], filename_prefix="facecrop"),
+            "face": _load("face_a.png"),
+            "noface": _load("noface.png"),
+            "batch": node("ImageBatch", image1=["face", 0], image2=["noface", 0]),
+            "crop": _crop(["batch", 0], 256, if_no_face),
+            "mask_img": node("MaskToImage", mask=["crop", 1]),
+            "save": node("SaveImage", images=["crop", 0], filename_prefix="facecrop_batch"),
+            "save_mask": node("SaveImage", images=["mask_img", 0], filename_prefix="facemask_batch"),
+            "report": node("PreviewAny", source=["crop", 2]),
         }
     )
-    assert faceless.status == "error"
-    assert faceless.error["node_type"] == "MetaLoRAFaceCrop"
-    assert "no detectable face" in faceless.error["exception_message"]
+
+
+def _saved(comfy_base, infos) -> list[np.ndarray]:
+    return [np.asarray(Image.open(comfy_base / "output" / i["subfolder"] / i["filename"])) for i in infos]
+
+
+def test_face_crop_keeps_a_faceless_image_whole_with_a_zero_mask(comfy, comfy_base):
+    from metalora_core.faces import load_image, whole_image_crop
+
+    result = _face_then_faceless(comfy, "whole image")
+    assert result.status == "success", result.error
+    crops = _saved(comfy_base, result.outputs["save"]["images"])
+    masks = _saved(comfy_base, result.outputs["save_mask"]["images"])
+    assert len(crops) == len(masks) == 2  # the batch keeps its length and order
+    assert masks[0].max() == 255 and masks[1].max() == 0  # face found / none: an all-zero mask
+    whole = whole_image_crop(load_image(comfy_base / "input" / "noface.png"), 256).image
+    assert np.abs(crops[1].astype(int) - whole.astype(int)).max() <= 1  # the image itself, centre square
+    assert result.outputs["report"]["text"][0] == (
+        "1 of 2 images had a face. No face in image(s) 1 (whole image, zero mask)."
+    )
+
+
+def test_face_crop_skips_a_faceless_image_and_reports_it(comfy, comfy_base):
+    result = _face_then_faceless(comfy, "skip")
+    assert result.status == "success", result.error
+    crops = _saved(comfy_base, result.outputs["save"]["images"])
+    masks = _saved(comfy_base, result.outputs["save_mask"]["images"])
+    assert len(crops) == len(masks) == 1 and masks[0].max() == 255  # only the face image is left
+    magenta = (crops[0][..., 0] > 200) & (crops[0][..., 1] < 60) & (crops[0][..., 2] > 200)
+    assert magenta.mean() > 0.05
+    assert result.outputs["report"]["text"][0] == "1 of 2 images had a face. No face in image(s) 1 (skipped)."
+
+    # every image skipped: a batch cannot be empty, so the whole images come back and the report says so
+    alone = comfy.run(
+        {
+            "img": _load("noface.png"),
+            "crop": _crop(["img", 0], 128, "skip"),
+            "save": node("SaveImage", images=["crop", 0], filename_prefix="facecrop_none"),
+            "report": node("PreviewAny", source=["crop", 2]),
+        }
+    )
+    assert alone.status == "success", alone.error
+    assert [c.shape for c in _saved(comfy_base, alone.outputs["save"]["images"])] == [(128, 128, 3)]
+    assert "0 of 1 images had a face" in alone.outputs["report"]["text"][0]
+    assert "No image had a face" in alone.outputs["report"]["text"][0]
+
+
+def test_face_crop_error_mode_names_the_faceless_image(comfy):
+    result = _face_then_faceless(comfy, "error")
+    assert result.status == "error"
+    assert result.error["node_type"] == "MetaLoRAFaceCrop"
+    assert "image 1 of the batch has no detectable face" in result.error["exception_message"]

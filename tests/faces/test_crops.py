@@ -71,3 +71,32 @@ def test_face_box_for_the_trainer(analyzer, astronaut):
     grown = face_box(image, analyzer, margin=0.25)
     assert grown[0] < 179 and grown[2] > 282 and grown[1] == 25
     assert face_box(astronaut, analyzer) is None  # no face
+
+
+def test_crop_batch_faceless_modes_and_report():
+    from metalora_core.faces import crop_batch, whole_image_crop
+
+    rng = np.random.default_rng(1)
+    face, faceless = (rng.integers(0, 256, (300, 400, 3), dtype=np.uint8) for _ in range(2))
+
+    def find(rgb):  # a face in the first image only (keyed by content: rgb is a converted copy)
+        return (150, 100, 250, 200) if np.array_equal(rgb, face) else None
+
+    whole = whole_image_crop(faceless, 64)
+    assert whole.box == (50, 0, 350, 300) and whole.image.shape == (64, 64, 3)  # the centre square
+    assert not whole.mask.any()
+    kept = crop_batch([face, faceless], find, 0.5, 64, "whole image")
+    assert kept.sources == [0, 1] and kept.faceless == [1]
+    assert kept.crops[0].mask.max() == 1.0 and not kept.crops[1].mask.any()
+    np.testing.assert_array_equal(kept.crops[1].image, whole.image)
+    assert kept.report == "1 of 2 images had a face. No face in image(s) 1 (whole image, zero mask)."
+    skipped = crop_batch([faceless, face], find, 0.5, 64, "skip")
+    assert skipped.sources == [1] and len(skipped.crops) == 1 and skipped.crops[0].mask.max() == 1.0
+    assert skipped.report == "1 of 2 images had a face. No face in image(s) 0 (skipped)."
+    none = crop_batch([faceless, faceless], find, 0.5, 64, "skip")  # a batch cannot be empty
+    assert none.sources == [0, 1] and not any(c.mask.any() for c in none.crops)
+    assert "0 of 2" in none.report and "No image had a face" in none.report
+    with pytest.raises(MetaLoRAError, match="image 1 of the batch has no detectable face"):
+        crop_batch([face, faceless], find, 0.5, 64, "error")
+    with pytest.raises(MetaLoRAError, match="if_no_face"):
+        crop_batch([face], find, 0.5, 64, "ignore")
