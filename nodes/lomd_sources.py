@@ -24,7 +24,7 @@ from .files import target_path
 from .lora_selection import ALL, select_loras, subfolders
 from .model_folders import metalora_dir
 from .model_shapes import model_target_shapes
-from .types import CATEGORY, LoMDType
+from .types import CATEGORY, LoMDType, fixed_seed_input
 
 TARGETS_TOOLTIP = "Layers the LoMD covers (Train and Apply use exactly these). " + "; ".join(
     f"{k}: {v}" for k, v in PRESET_HELP.items()
@@ -45,18 +45,6 @@ def _rank_inputs() -> list[io.Input]:
         ),
         io.Combo.Input("targets", options=list(PRESET_HELP), default=DEFAULT_PRESET, tooltip=TARGETS_TOOLTIP),
     ]
-
-
-def _seed_input(tooltip: str) -> io.Int.Input:
-    """A seed that stays fixed: the LoMD (and every identity trained on it) must not change per queue."""
-    return io.Int.Input(
-        "seed",
-        default=0,
-        min=0,
-        max=2**31 - 1,
-        control_after_generate=io.ControlAfterGenerate.fixed,
-        tooltip=tooltip,
-    )
 
 
 def model_targets(model, preset: str) -> tuple[FluxDims, dict[str, tuple[int, int]]]:
@@ -96,7 +84,7 @@ class MetaLoRASeededLoMD(io.ComfyNode):
                     tooltip="The FLUX.1 model the LoMD is for (its layer sizes are read, not changed).",
                 ),
                 *_rank_inputs(),
-                _seed_input(
+                fixed_seed_input(
                     "Seed of the random Down. Keep it fixed: an identity only works with the exact LoMD it "
                     "was trained on (same model, ranks, targets and seed give the same LoMD)."
                 ),
@@ -161,7 +149,7 @@ class MetaLoRADistillLoMD(io.ComfyNode):
                     tooltip="energy: each LoRA counts the same in every layer it covers (a loud LoRA cannot "
                     "decide alone). none: stronger LoRAs weigh more.",
                 ),
-                _seed_input("Seed of the Down of layers no selected LoRA covers (kept fixed)."),
+                fixed_seed_input("Seed of the Down of layers no selected LoRA covers (kept fixed)."),
                 io.String.Input(
                     "save_as",
                     default="",

@@ -33,7 +33,7 @@ from .comfy_training.glue import (
 )
 from .faces import analyzer_for
 from .model_folders import face_models
-from .types import CATEGORY, IdentityType, LoMDType
+from .types import CATEGORY, IdentityType, LoMDType, fixed_seed_input
 
 LOG = logging.getLogger("metalora")
 DEFAULTS = PersonalizeConfig()
@@ -126,15 +126,9 @@ class MetaLoRATrainIdentity(io.ComfyNode):
                     max=256,
                     tooltip="Rank of the per-identity Mid layer; 0 uses the LoMD's own default (16 in the paper).",
                 ),
-                io.Int.Input(
-                    "seed",
-                    default=0,
-                    min=0,
-                    max=2**31 - 1,
-                    # fixed, not the front end's default 'randomize': a new seed per queue would retrain
-                    control_after_generate=io.ControlAfterGenerate.fixed,
-                    tooltip="Seed of the augmentations, timesteps, noise and Mid init: same seed, same identity. "
-                    "Stays fixed after each run, so queueing again reuses the trained identity.",
+                fixed_seed_input(
+                    "Seed of the augmentations, timesteps, noise and Mid init: same seed, same identity. "
+                    "Stays fixed after each run, so queueing again reuses the trained identity."
                 ),
                 io.Int.Input(
                     "resolution",
