@@ -12,6 +12,7 @@ rank-``rank_down`` LoRA (see :func:`fold_to_lora`).
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -126,24 +127,77 @@ class IdentityHead(nn.Module):
         """The adapter's contribution ``scale * Up[rows] (Mid (Down (dropout x)))`` for input ``x``."""
         return (self.scale * strength) * F.linear(self.low_rank(x), self.up_rows(rows))
 
+    # -- the bypass path: one low-rank product per input, shared by every piece of a fused layer ---------
+
+    def register_rows(self, rows: slice | None) -> None:
+        """Note that a layer reading ``Up[rows]`` of this head is attached (diffusers' q/k/v, proj_mlp)."""
+        if rows is not None:
+            self._pieces = {*getattr(self, "_pieces", set()), (rows.start, rows.stop)}
+        self.clear_memo()
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles of a head leave out the per-forward caches (they hold autograd tensors)."""
+        state = dict(self.__dict__)
+        state.pop("_memo", None)
+        state.pop("_down_cast", None)
+        return state
+
+    def clear_memo(self) -> None:
+        """Forget the last forward's shared product (heads are detached, or their weights were replaced)."""
+        self._memo: _Memo | None = None
+
+    def _down_in(self, dtype: torch.dtype) -> torch.Tensor:
+        """Down in the compute dtype; a frozen Down is cast once, not once per forward."""
+        if self.down.requires_grad or self.down.dtype == dtype:
+            return _as(self.down, dtype)
+        cached = getattr(self, "_down_cast", None)
+        key = (dtype, self.down.device, self.down._version, self.down.data_ptr())
+        if cached is None or cached[0] != key:
+            cached = (key, self.down.detach().to(dtype))
+            self._down_cast = cached
+        return cached[1]
+
+    def _operands(self, x: torch.Tensor, dtype: torch.dtype) -> _Memo:
+        """``h = Mid Down x`` (2-D) and the ``Up`` row blocks, in ``dtype``, for the input ``x``.
+
+        The pieces of one fused layer (diffusers' ``to_q``/``to_k``/``to_v`` of BFL's ``qkv``, and
+        ``proj_mlp`` of ``linear1``) are called one after the other with the very same input tensor, so
+        the product is computed by the first and reused by the others: one low-rank path per fused target,
+        as the fused layer itself would run. ``Up`` is split once along the pieces' rows, so backward
+        assembles its gradient with one concatenation instead of one zero-filled copy per piece.
+        """
+        memo = getattr(self, "_memo", None)
+        if memo is not None and memo.matches(x, dtype, self):
+            return memo
+        h = F.linear(F.linear(_as(self.dropout(x), dtype), self._down_in(dtype)), _as(self.mid, dtype))
+        up = _as(self.up, dtype)
+        blocks: dict[tuple[int, int] | None, torch.Tensor] = {None: up}
+        spans = sorted(getattr(self, "_pieces", set()))
+        if (
+            spans
+            and spans[0][0] == 0
+            and spans[-1][1] == up.shape[0]
+            and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+        ):
+            blocks.update(zip(spans, up.split([b - a for a, b in spans])))
+        memo = _Memo(x, dtype, self, h.reshape(-1, h.shape[-1]), up, blocks)
+        self._memo = memo
+        return memo
+
     def add_into(
         self, y: torch.Tensor, x: torch.Tensor, rows: slice | None = None, strength: float = 1.0
     ) -> torch.Tensor:
-        """``y + forward(x, rows, strength)``, as one fused ``addmm`` when ``y`` has the head's dtype.
+        """``y + forward(x, rows, strength)``, computed in ``y``'s dtype as one fused ``addmm``.
 
-        Same value as the plain sum (up to rounding), but the rank-``rank_mid`` product is accumulated
-        straight into ``y``: two fewer full passes over the layer's output per forward, which is most of
-        the bypass's cost on top of the frozen layer.
+        The adapter runs in the layer's own compute dtype (bf16 on a GPU), its weights stay in their
+        training dtype (float32) and are cast once per forward, as autocast would: two fewer full passes
+        over the layer's output than a separate sum, and the low-rank product shared by the pieces of a
+        fused layer (:meth:`_operands`). In float32 / float64 nothing is cast.
         """
-        if y.dtype != self.mid.dtype or torch.is_autocast_enabled(y.device.type):
-            return y + self.forward(x, rows, strength).to(y.dtype)
-        h = self.low_rank(x)
-        flat = torch.addmm(
-            y.reshape(-1, y.shape[-1]),
-            h.reshape(-1, h.shape[-1]),
-            self.up_rows(rows).t(),
-            alpha=self.scale * strength,
-        )
+        dtype = y.dtype
+        memo = self._operands(x, dtype)
+        up = memo.rows(rows)
+        flat = torch.addmm(y.reshape(-1, y.shape[-1]), memo.h, up.t(), alpha=self.scale * strength)
         return flat.view(y.shape)
 
     def delta_weight(self) -> torch.Tensor:
@@ -164,9 +218,40 @@ class BypassLinear(nn.Module):
         self.rows = rows
         self.strength = 1.0
         self.enabled = True
+        head.register_rows(rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         if not self.enabled or self.strength == 0.0:
             return y
         return self.head.add_into(y, x, self.rows, self.strength)
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype``; no op at all when it already is (a step runs this hundreds of times)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+class _Memo:
+    """The shared low-rank product of one head for one input tensor (held by weak reference)."""
+
+    def __init__(self, x, dtype, head: IdentityHead, h, up, blocks) -> None:
+        self.x, self.version, self.dtype = weakref.ref(x), x._version, dtype
+        self.weights = (head.mid._version, head.up._version, head.down._version)
+        self.grad = torch.is_grad_enabled()
+        self.h, self.up, self.blocks = h, up, blocks
+
+    def matches(self, x: torch.Tensor, dtype: torch.dtype, head: IdentityHead) -> bool:
+        return (
+            self.x() is x
+            and self.version == x._version
+            and self.dtype == dtype
+            and self.grad == torch.is_grad_enabled()
+            and self.weights == (head.mid._version, head.up._version, head.down._version)
+        )
+
+    def rows(self, rows: slice | None) -> torch.Tensor:
+        if rows is None:
+            return self.up
+        block = self.blocks.get((rows.start, rows.stop))
+        return block if block is not None else self.up[rows]

@@ -46,6 +46,35 @@ def _header_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def read_weight_dtype(path: str | os.PathLike) -> torch.dtype | None:
+    """The dtype most of a FLUX checkpoint's weight matrices are stored in (headers only), or None."""
+    path = Path(path)
+    files = _diffusers_files(path) if path.is_dir() else [path]
+    counts: dict[str, int] = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as fh:
+                for key in fh.keys():
+                    piece = fh.get_slice(key)
+                    if key.endswith("weight") and len(piece.get_shape()) == 2:
+                        counts[piece.get_dtype()] = counts.get(piece.get_dtype(), 0) + 1
+        except (SafetensorError, OSError) as exc:
+            raise MetaLoRAError(f"{file}: not a readable safetensors file ({exc})") from None
+    if not counts:
+        return None
+    return _SAFETENSORS_DTYPES.get(max(counts, key=counts.__getitem__))
+
+
 def read_flux_dims(path: str | os.PathLike) -> tuple[FluxDims, str]:
     """FLUX sizes and layout (``bfl`` or ``diffusers``) of a checkpoint, reading headers only."""
     path = Path(path)

@@ -110,6 +110,7 @@ def detach_heads(model: nn.Module) -> int:
     for name, module in wrapped:
         parent, child = _parent(model, name)
         setattr(parent, child, module.base)
+        module.head.clear_memo()  # the last forward's shared product is not kept alive by detached heads
     return len(wrapped)
 
 

@@ -18,13 +18,13 @@ from comfy_api.latest import io
 
 from ..metalora_core.errors import MetaLoRAError
 from ..metalora_core.faces import face_box
+from ..metalora_core.training.memory import activation_bytes
 from ..metalora_core.training.personalize import PersonalizeConfig, personalize
 from ..metalora_core.training.protocol import Progress, TrainingCancelled
 from ..metalora_core.training.schedules import SCHEDULES
 from .comfy_training.backend import ComfyFluxBackend
 from .comfy_training.glue import (
     PROGRESS_EVENT,
-    activation_bytes,
     eta_text,
     loss_map,
     progress_event,

@@ -43,3 +43,12 @@ class PoisonAfter(PoisonGradAfter):
         self.calls += 1
         out = self.inner.velocity(x_t, t, cond, guidance)
         return out * float("nan") if self.calls > self.n else out
+
+
+class PoisonGradOnce(PoisonGradAfter):
+    """Only call ``n + 1`` back-propagates NaN; every later call is finite again (a transient spike)."""
+
+    def velocity(self, x_t, t, cond, guidance):
+        self.calls += 1
+        out = self.inner.velocity(x_t, t, cond, guidance)
+        return NanGrad.apply(out) if self.calls == self.n + 1 else out

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from metalora_core.cli import meta_cmd, personalize_cmd
+from metalora_core.cli import personalize_cmd
 from metalora_core.cli.main import all_parsers, build_parser, main
 from metalora_core.dev.tiny_faces import paint_markers, write_tiny_face_models
 from metalora_core.errors import MetaLoRAError
@@ -43,8 +43,7 @@ def no_model_load(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("FLUX was loaded before the bad input was reported")
 
-    monkeypatch.setattr(personalize_cmd.DiffusersFluxBackend, "from_path", refuse)
-    monkeypatch.setattr(meta_cmd.DiffusersFluxBackend, "from_path", refuse)
+    monkeypatch.setattr(personalize_cmd.DiffusersFluxBackend, "from_path", refuse)  # meta-train's too
 
 
 def _one_line_error(capsys, *needles: str) -> str:
@@ -135,8 +134,12 @@ def test_progress_lines_come_before_anything_slow(kit, tmp_path, capsys):
     assert main(args) == 0
     err = capsys.readouterr().err
     first = err.splitlines()[0]
-    assert first == f"metalora personalize: loading FLUX from {kit / 'flux.safetensors'} (this takes a while)"
-    assert err.index("encoding 2 views") < err.index("training 2 steps at 128x128 px")
+    assert first == (
+        f"metalora personalize: loading FLUX from {kit / 'flux.safetensors'} "
+        "(float32 weights, on cpu; this takes a while)"
+    )
+    assert err.index("encoding 2 views") < err.index("gradient checkpointing off (auto: on the CPU")
+    assert err.index("gradient checkpointing") < err.index("training 2 steps at 128x128 px")
 
 
 def test_a_failed_write_after_training_saves_the_result_beside(kit, tmp_path, capsys, monkeypatch):
@@ -216,7 +219,7 @@ def test_meta_train_says_how_many_photos_it_drops(kit, tmp_path, capsys, monkeyp
     def stop(*args, **kwargs):
         raise MetaLoRAError("stopped before loading FLUX")
 
-    monkeypatch.setattr(meta_cmd.DiffusersFluxBackend, "from_path", stop)
+    monkeypatch.setattr(personalize_cmd.DiffusersFluxBackend, "from_path", stop)
     args = [
         "meta-train", "--flux", str(kit / "flux.safetensors"), "--data", str(data), "--resolution", "128",
         "--conditioning", str(kit / "cond.safetensors"), "--vae", str(kit / "vae"),

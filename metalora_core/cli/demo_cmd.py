@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ..demo.pipeline import REAL, TINY, DemoOptions, run_demo
-from .personalize_cmd import DTYPES
+from ..training.precision import PRECISION_CHOICES
 
 
 def run(args) -> int:
@@ -91,7 +91,12 @@ def register(sub) -> None:
         default="cuda" if torch.cuda.is_available() else "cpu",
         help="where FLUX runs (default here: %(default)s)",
     )
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="FLUX weight dtype")
+    p.add_argument(
+        "--dtype",
+        choices=PRECISION_CHOICES,
+        default="auto",
+        help="FLUX weights: auto (bf16 on a GPU, float32 on the CPU) or a dtype, as in `metalora personalize`",
+    )
     p.add_argument("--no-baseline", action="store_true", help="skip the plain-LoRA comparison")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=run)

@@ -25,16 +25,21 @@ from ..meta.train import MetaConfig, MetaTrainer
 from ..targets import DEFAULT_PRESET, PRESET_HELP
 from ..training.conditioning import load_conditioning
 from ..training.data import photo_bucket
-from ..training.diffusers_backend import DiffusersFluxBackend
 from ..training.schedules import SCHEDULES
 from ..training.standalone import find_parts, load_vae, vae_encoder
 from . import preflight
-from .personalize_cmd import DTYPES, ProgressBar, add_run_options, check_run_options
+from .personalize_cmd import (
+    ProgressBar,
+    add_run_options,
+    check_run_options,
+    choose_checkpointing,
+    load_backend,
+)
 
 # options whose argparse dest is a MetaConfig field of the same name
 CONFIG_ARGS = (
     "steps", "lr", "lr_heads", "weight_decay", "schedule", "warmup_steps",
-    "rank_down", "rank_mid", "alpha", "targets", "bf16", "gradient_checkpointing", "seed", "guidance", "checkpoint_every", "resume_from", "init_lomd",
+    "rank_down", "rank_mid", "alpha", "targets", "bf16", "seed", "guidance", "checkpoint_every", "resume_from", "init_lomd",
 )  # fmt: skip
 
 
@@ -142,9 +147,13 @@ def _meta_train(args, ctx: DistContext, device: torch.device) -> int:
             f"is further than --max-aspect-error {args.max_aspect_error} from every bucket at {args.resolution} "
             f"px (`metalora dataset check {args.data}` lists them)"
         )
-    if ctx.is_main and not args.quiet:
-        preflight.say(f"metalora meta-train: loading FLUX from {parts.transformer} (this takes a while)")
-    backend = DiffusersFluxBackend.from_path(parts.transformer, dtype=DTYPES[args.dtype], device=device)
+
+    def say(text: str) -> None:
+        preflight.say(f"metalora meta-train: {text}", args.quiet or not ctx.is_main)
+
+    backend = load_backend(parts.transformer, args, device, say)
+    side = args.resolution // 8  # one identity's photos go through the model at a time, at about this size
+    checkpointing = choose_checkpointing(args, backend, (side, side), 512, 1, say)
     text = _text(args, parts, backend.dims, cache_dir, device)
     vae_path, encoder_id = parts.vae, str(Path(parts.vae).resolve())
     prepared = prepare(
@@ -153,6 +162,7 @@ def _meta_train(args, ctx: DistContext, device: torch.device) -> int:
     config = MetaConfig(
         **{name: getattr(args, name) for name in CONFIG_ARGS},
         batch_size=args.identities_per_batch,
+        gradient_checkpointing=checkpointing,
         checkpoint_path=str(out.with_suffix(".ckpt.safetensors")) if args.checkpoint_every else None,
     )
     trainer = MetaTrainer(backend, data, plan, prepared, config, ctx)

@@ -31,16 +31,17 @@ from ..training.data import (
 )
 from ..training.diffusers_backend import DiffusersFluxBackend
 from ..training.loss_plot import save_loss_curve
+from ..training.memory import activation_bytes, decide_checkpointing, layerwise_copy_bytes
 from ..training.personalize import PersonalizeConfig, personalize
+from ..training.precision import PRECISION_CHOICES, Precision, choose_precision
 from ..training.schedules import SCHEDULES, TrainingDiverged
 from ..training.standalone import find_parts, load_vae, vae_encoder
 
 # options whose argparse dest is a PersonalizeConfig field of the same name
 CONFIG_ARGS = (
     "steps", "lr", "lr_mid", "lr_up", "schedule", "warmup_steps", "batch_size", "bf16",
-    "gradient_checkpointing", "seed", "guidance", "rank_mid", "checkpoint_every", "resume_from",
+    "seed", "guidance", "rank_mid", "checkpoint_every", "resume_from",
 )  # fmt: skip
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _face_box(text: str | None) -> tuple[float, float, float, float] | None:
@@ -79,7 +80,7 @@ def check_run_options(args) -> None:
     preflight.at_least(0, guidance=args.guidance)
     preflight.resolution(args.resolution)
     preflight.existing(args.resume_from, "--resume", "file")
-    device(args.device)
+    choose_precision(args.dtype, device(args.device), None, args.bf16)  # --bf16 with a non-float32 --dtype
 
 
 def device(name: str) -> torch.device:
@@ -155,8 +156,7 @@ def run(args) -> int:
     face_weight = args.face_weight if args.face_weight is not None else (2.0 if face_box else 1.0)
     dev = device(args.device)
     say = lambda text: preflight.say(f"metalora personalize: {text}", args.quiet)  # noqa: E731
-    say(f"loading FLUX from {parts.transformer} (this takes a while)")
-    backend = DiffusersFluxBackend.from_path(parts.transformer, dtype=DTYPES[args.dtype], device=dev)
+    backend = load_backend(parts.transformer, args, dev, say)
     prompt = caption(args.trigger, args.subject_class, args.caption)
     if args.conditioning:
         cond = load_conditioning(args.conditioning, backend.dims)
@@ -178,8 +178,12 @@ def run(args) -> int:
 
     latents = cached_latents(args.cache_dir, key, encode)  # the VAE is only loaded when not cached yet
     weights = face_loss_weights(views, inside=face_weight) if face_weight != 1.0 else None
+    checkpointing = choose_checkpointing(
+        args, backend, tuple(latents[0].shape[-2:]), cond.context.shape[0], args.batch_size, say
+    )
     config = PersonalizeConfig(
         **{name: getattr(args, name) for name in CONFIG_ARGS},
+        gradient_checkpointing=checkpointing,
         checkpoint_path=str(out.with_suffix(".ckpt.safetensors")) if args.checkpoint_every else None,
         extra={
             "image": Path(args.image).name,
@@ -200,6 +204,8 @@ def run(args) -> int:
     bar = ProgressBar(config.steps, args.quiet)
     try:
         result = personalize(backend, lomd, latents, cond, config, on_progress=bar, weights=weights)
+        for note in result.notes:
+            say(note)
     except TrainingDiverged as exc:
         if exc.result is not None and exc.result.steps_done:
             last, adapter = out.with_suffix(".last_finite.safetensors"), exc.result.adapter
@@ -228,10 +234,42 @@ def run(args) -> int:
                 "final_loss": result.losses[-1],
                 "bucket": list(views.bucket),
                 "fingerprint": result.adapter.fingerprint,
+                "precision": backend_precision(backend),
+                "gradient_checkpointing": checkpointing,
             }
         )
     )
     return 0
+
+
+def load_backend(path, args, dev: torch.device, say) -> DiffusersFluxBackend:
+    """FLUX loaded as ``--dtype`` asks for on ``dev`` (the precision chosen and said in one status line)."""
+    from ..flux_model import read_weight_dtype
+
+    precision = choose_precision(args.dtype, dev, read_weight_dtype(path), args.bf16)
+    say(f"loading FLUX from {path} ({precision.describe()}, on {dev}; this takes a while)")
+    backend = DiffusersFluxBackend.from_path(path, precision.compute, dev, storage_dtype=precision.storage)
+    backend.precision = precision
+    return backend
+
+
+def backend_precision(backend) -> str:
+    precision: Precision | None = getattr(backend, "precision", None)
+    return precision.describe() if precision is not None else str(backend.dtype)
+
+
+def choose_checkpointing(args, backend, latent_hw, text_tokens: int, batch: int, say) -> bool:
+    """``--checkpointing auto|on|off`` resolved for this model, resolution and device, and said."""
+    precision: Precision | None = getattr(backend, "precision", None)
+    copies = layerwise_copy_bytes(backend.model, backend.dtype) if precision and precision.layerwise else 0
+    dtype = torch.bfloat16 if args.bf16 else backend.dtype
+    without = (
+        activation_bytes(backend.dims, latent_hw, text_tokens, batch, dtype, checkpointing=False) + copies
+    )
+    with_ = activation_bytes(backend.dims, latent_hw, text_tokens, batch, dtype, checkpointing=True)
+    on, why = decide_checkpointing(args.checkpointing, backend.device, without, with_)
+    say(f"gradient checkpointing {why}")
+    return on
 
 
 def add_run_options(
@@ -239,12 +277,29 @@ def add_run_options(
 ) -> None:
     """Options every standalone training command shares: guidance, precision, memory, checkpoints, device."""
     p.add_argument("--guidance", type=float, default=1.0, help="FLUX.1-dev guidance input in training")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast of the forward")
+    p.add_argument(
+        "--dtype",
+        choices=PRECISION_CHOICES,
+        default="auto",
+        help="how FLUX's weights are held: auto (bf16 on a GPU, or the file's own dtype if smaller; float32 on "
+        "the CPU), float32, bfloat16, float16, or float8_e4m3fn (fp8 weights, bf16 compute: about half the "
+        "memory of bf16). Default: %(default)s",
+    )
+    p.add_argument(
+        "--bf16",
+        action="store_true",
+        help="with --dtype float32 only: bf16 autocast of the forward (float32 weights, bf16 matmuls); "
+        "--dtype bfloat16 is the leaner way to train in bf16",
+    )
     p.add_argument(
         "--checkpointing",
-        dest="gradient_checkpointing",
-        action="store_true",
-        help="gradient checkpointing (less memory)",
+        nargs="?",
+        const="on",
+        default="auto",
+        choices=("auto", "on", "off"),
+        help="gradient checkpointing: recompute each block in backward for far less activation memory, at "
+        "~1.3-2x the step time. auto (default): on when a step would not fit in the GPU's free memory "
+        "without it, off on the CPU; a bare --checkpointing means on",
     )
     p.add_argument("--checkpoint-every", type=int, default=0, help="write OUT.ckpt.safetensors every N steps")
     p.add_argument("--resume", dest="resume_from", help=resume_help)
@@ -253,7 +308,6 @@ def add_run_options(
         default="cuda" if torch.cuda.is_available() else "cpu",
         help="where FLUX runs: cpu, cuda, cuda:1, ... (default here: %(default)s)",
     )
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="transformer weight dtype")
 
 
 def register(sub) -> None:

@@ -45,7 +45,7 @@ class DemoOptions:
     images: int = 4
     seed: int = 0
     device: str = "cpu"
-    dtype: str = "float32"
+    dtype: str = "auto"
     baseline: bool = True
     quiet: bool = False
 
@@ -191,13 +191,18 @@ def _models(opt: DemoOptions, out: Path, run: DemoRun) -> dict:
 
 
 def _load(opt: DemoOptions, kit: dict):
-    from ..cli.personalize_cmd import DTYPES, device
+    from ..cli.personalize_cmd import device
+    from ..flux_model import read_weight_dtype
     from ..training.conditioning import encode_prompt, load_conditioning
     from ..training.diffusers_backend import DiffusersFluxBackend
+    from ..training.precision import choose_precision
     from ..training.standalone import load_vae
 
     dev = device(opt.device)
-    backend = DiffusersFluxBackend.from_path(kit["flux"], dtype=DTYPES[opt.dtype], device=dev)
+    precision = choose_precision(opt.dtype, dev, read_weight_dtype(kit["flux"]))
+    backend = DiffusersFluxBackend.from_path(
+        kit["flux"], precision.compute, dev, storage_dtype=precision.storage
+    )
     vae = load_vae(kit["vae"], dev)
     if kit["conditioning"]:
         cond = load_conditioning(kit["conditioning"], backend.dims)

@@ -58,7 +58,7 @@ def load_checkpoint(
     path: str | os.PathLike,
     state: TrainState,
     settings: Mapping[str, object],
-    ignore: tuple[str, ...] = ("steps", "checkpoint_every", "checkpoint_path", "resume_from"),
+    ignore: tuple[str, ...] = ("steps", "checkpoint_every", "checkpoint_path", "resume_from", "capture_step"),
 ) -> tuple[int, list[float]]:
     """Restore a :func:`save_checkpoint` file into live objects; returns ``(step, losses)``.
 
@@ -89,12 +89,21 @@ def load_checkpoint(
             if k.startswith(f"{OPTIM_PREFIX}{name}.")
         }
         if state:
-            optimizer.state[p] = {
-                k: (v.clone() if k == "step" else v.to(p.device, p.dtype).clone()) for k, v in state.items()
-            }
+            optimizer.state[p] = {k: _restore(optimizer, p, k, v) for k, v in state.items()}
     generator.set_state(tensors[RNG_KEY])
     scheduler.last_epoch = int(meta["scheduler_last_epoch"])
     for group, lr_lambda, base_lr in zip(optimizer.param_groups, scheduler.lr_lambdas, scheduler.base_lrs):
         group["lr"] = base_lr * lr_lambda(scheduler.last_epoch)
     scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]  # type: ignore[attr-defined]
     return int(meta["step"]), [float(x) for x in json.loads(meta["losses"])]
+
+
+def _restore(
+    optimizer: torch.optim.Optimizer, p: torch.Tensor, key: str, value: torch.Tensor
+) -> torch.Tensor:
+    """An optimizer state tensor as the optimizer keeps it: moments beside the parameter; the step count
+    on the CPU, or a float32 scalar beside the parameter for fused / capturable AdamW."""
+    if key != "step":
+        return value.to(p.device, p.dtype).clone()
+    on_device = optimizer.defaults.get("fused") or optimizer.defaults.get("capturable")
+    return value.to(p.device, torch.float32).clone() if on_device else value.clone()

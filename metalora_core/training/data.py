@@ -86,9 +86,18 @@ class Views:
     face_boxes: list[Box] | None
 
 
+def albumentations():
+    """albumentations, imported with its update check off: it asks PyPI at import otherwise (a delay and a
+    warning offline), and the pack never reaches for the network. A user's own setting is kept."""
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    import albumentations
+
+    return albumentations
+
+
 def photometric(aug: AugmentConfig, seed: int):
     """The albumentations pipeline after cropping (flip moves the face box along; ``pascal_voc`` boxes)."""
-    import albumentations as A
+    A = albumentations()
 
     s = aug.strength
 

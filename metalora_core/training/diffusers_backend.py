@@ -7,13 +7,17 @@ expects), and the guidance value goes to the guidance embedder when the model ha
 
 diffusers' FLUX blocks are out-of-place (``hidden_states = hidden_states + ...``), so autograd through them,
 checkpointed or not, is correct; the float64 finite-difference test in tests/training guards this.
+
+A forward with gradients enabled is a training forward: it runs under :func:`.attention.training_sdpa` (no
+cuDNN attention), and so does every block a checkpoint recomputes in backward. A forward without
+gradients (sampling) keeps PyTorch's own attention choice.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from functools import partial
 
 import torch
@@ -22,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from ..adapter import IdentityHead
 from ..inject import attach_to_diffusers, detach_heads
 from ..targets import FluxDims
+from .attention import training_sdpa
 from .protocol import TextConditioning
 
 
@@ -51,13 +56,19 @@ def image_ids(height: int, width: int, device, dtype) -> torch.Tensor:
 class DiffusersFluxBackend:
     """:class:`~metalora_core.training.protocol.FluxBackend` on a diffusers FLUX transformer (frozen)."""
 
-    def __init__(self, model: torch.nn.Module, dims: FluxDims) -> None:
+    def __init__(
+        self, model: torch.nn.Module, dims: FluxDims, compute_dtype: torch.dtype | None = None
+    ) -> None:
         self.model = model.requires_grad_(False).eval()
         self.dims = dims
         first = next(model.parameters())
         self.device = first.device
-        self.dtype = first.dtype
+        self.dtype = compute_dtype or first.dtype  # what layers compute in (fp8-stored weights: bf16)
         self.has_guidance = bool(getattr(model.config, "guidance_embeds", dims.guidance))
+        # A CUDA graph may replay the step unless diffusers hooks run per layer: layer-wise casting (fp8)
+        # and offloading swap each weight's storage on every call, which a captured graph cannot follow.
+        hooked = any(getattr(m, "_diffusers_hook", None) is not None for m in model.modules())
+        self.capturable = self.device.type == "cuda" and not hooked
 
     @classmethod
     def from_path(
@@ -65,12 +76,22 @@ class DiffusersFluxBackend:
         path: str | os.PathLike,
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
+        storage_dtype: torch.dtype | None = None,
     ) -> DiffusersFluxBackend:
-        """Load a diffusers folder (pipeline or transformer) or a BFL / diffusers single file, offline."""
+        """Load a diffusers folder (pipeline or transformer) or a BFL / diffusers single file, offline.
+
+        ``dtype`` is what layers compute in; ``storage_dtype`` (fp8), when given, is what weights are kept in
+        between, through diffusers' layer-wise casting. The cast to fp8 happens on the CPU, before the model
+        moves to ``device``: the device never holds the model at the compute dtype.
+        """
         from ..flux_model import load_diffusers_flux
 
-        model, dims = load_diffusers_flux(path, dtype=dtype, device=device)
-        return cls(model, dims)
+        if storage_dtype is None or storage_dtype == dtype:
+            model, dims = load_diffusers_flux(path, dtype=dtype, device=device)
+            return cls(model, dims)
+        model, dims = load_diffusers_flux(path, dtype=dtype, device="cpu")
+        model.enable_layerwise_casting(storage_dtype=storage_dtype, compute_dtype=dtype)
+        return cls(model.to(device), dims, compute_dtype=dtype)
 
     def velocity(
         self, x_t: torch.Tensor, t: torch.Tensor, cond: TextConditioning, guidance: float | None
@@ -95,7 +116,8 @@ class DiffusersFluxBackend:
             kwargs["guidance"] = torch.full(
                 (b,), 1.0 if guidance is None else float(guidance), device=self.device, dtype=weight_dtype
             )
-        out = self.model(**kwargs)[0]
+        with training_sdpa() if torch.is_grad_enabled() else nullcontext():
+            out = self.model(**kwargs)[0]
         return unpack_latents(out, h, w)
 
     @contextmanager
@@ -113,6 +135,23 @@ class DiffusersFluxBackend:
             self.model.disable_gradient_checkpointing()
 
 
+def _recompute_contexts():
+    """(forward context, recompute context) of a checkpointed block: the recompute, which runs in backward,
+    outside the training forward, gets the training attention kernels again."""
+    return nullcontext(), training_sdpa()
+
+
 def _non_reentrant_checkpoint(module, *args):
-    """Block checkpointing that recomputes in backward without the reentrant autograd engine."""
-    return checkpoint(partial(module.__call__), *args, use_reentrant=False)
+    """Block checkpointing that recomputes in backward without the reentrant autograd engine.
+
+    No RNG state is stashed: the frozen FLUX runs in eval mode and the heads train without dropout, so a
+    block draws no random numbers; reading the CUDA generator per block would also stop a CUDA-graph
+    capture of the step (:mod:`.step`).
+    """
+    return checkpoint(
+        partial(module.__call__),
+        *args,
+        use_reentrant=False,
+        context_fn=_recompute_contexts,
+        preserve_rng_state=False,
+    )

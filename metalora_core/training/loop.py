@@ -5,7 +5,8 @@ the forward, so Meta-LoRA (bypass heads) and peft LoRA run the very same steps: 
 noise for the same seed, which is what a step-for-step comparison needs.
 
 Every random draw (view choice, timestep, noise) comes from one CPU ``torch.Generator`` seeded from the
-config and saved in checkpoints, so a resumed run reproduces an uninterrupted one bit for bit.
+config and saved in checkpoints, so a resumed run reproduces an uninterrupted one bit for bit. The draws
+are made ahead of the steps (:mod:`.draws`) and the step itself never waits for the device (:mod:`.step`).
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ import torch
 
 from ..errors import MetaLoRAError
 from .checkpoint import TrainState, load_checkpoint, save_checkpoint
-from .objective import flow_loss, sample_timesteps
+from .draws import StepDraws
 from .protocol import FluxBackend, Progress, TextConditioning, TrainingCancelled
-from .schedules import TrainingDiverged, clip_and_check, make_adamw, make_scheduler, param_groups
+from .schedules import TrainingDiverged, make_adamw, make_scheduler, param_groups
+from .step import CapturedStep, StepLog, TrainStep
 
 
 @dataclass
@@ -47,6 +49,7 @@ class LoopSettings:
     checkpoint_every: int = 0
     checkpoint_path: str | None = None
     resume_from: str | None = None
+    capture_step: bool = True  # replay the step as a CUDA graph where possible (speed only: same result)
 
 
 @dataclass
@@ -55,6 +58,7 @@ class LoopOutcome:
     lrs: list[float]
     steps_done: int
     seconds: float
+    notes: list[str] = field(default_factory=list)  # how the steps ran (CUDA graph, or why not)
 
 
 def stack_views(
@@ -94,18 +98,21 @@ def run_loop(
 ) -> LoopOutcome:
     """Train ``params`` for ``settings.steps`` optimizer steps of the rectified-flow objective.
 
-    ``describe`` is what a checkpoint must agree on to be resumed (the full settings). On NaN/inf the
-    step is not taken and :class:`TrainingDiverged` is raised with ``make_result`` of the last finite state.
+    ``describe`` is what a checkpoint must agree on to be resumed (the full settings). On NaN/inf no update
+    is made from that step on and :class:`TrainingDiverged` is raised with ``make_result`` of the last finite
+    state. Progress (loss, learning rate) is reported one step late: the host reads a step's loss while the
+    device runs the next one (:mod:`.step`).
     """
     if settings.steps < 1:
         raise MetaLoRAError(f"steps must be >= 1, got {settings.steps}")
     if settings.checkpoint_every and not settings.checkpoint_path:
         raise MetaLoRAError("checkpoint_every needs a checkpoint_path to write to")
     x0_all, w_all = stack_views(views, weights, backend.device, torch.float32)
+    cond = cond.to(backend.device, backend.dtype)  # once, not a host copy per step
     generator = torch.Generator().manual_seed(settings.seed)
     named = list(params.items())
     groups = param_groups(named, settings.lr, settings.lr_by_suffix, settings.weight_decay)
-    optimizer = make_adamw(groups)
+    optimizer = make_adamw(groups, fused=True)
     scheduler = make_scheduler(
         optimizer,
         settings.steps,
@@ -114,20 +121,59 @@ def run_loop(
         settings.cycles,
         settings.min_lr_ratio,
     )
-    state = TrainState(params, optimizer, scheduler, generator)
     losses: list[float] = []
     start = 0
     if settings.resume_from:
-        start, losses = load_checkpoint(settings.resume_from, state, describe)
+        start, losses = load_checkpoint(
+            settings.resume_from, TrainState(params, optimizer, scheduler, generator), describe
+        )
     base_lr, lr_at = scheduler.base_lrs[-1], scheduler.lr_lambdas[-1]
     lrs: list[float] = [base_lr * lr_at(i) for i in range(start)]
-    trainable = [p for _, p in named]
+    draws = StepDraws(
+        generator,
+        x0_all.shape[0],
+        settings.batch_size,
+        tuple(x0_all.shape[1:]),
+        settings.timestep_shift,
+        backend.device,
+        start,
+        settings.steps,
+    )
+    step_fn = TrainStep(
+        backend,
+        [p for _, p in named],
+        optimizer,
+        cond,
+        settings.max_grad_norm,
+        settings.guidance,
+        settings.bf16,
+    )
+    run_step = _stepper(step_fn, backend, settings)
+    log = StepLog(backend.device)
     begun = time.perf_counter()
 
     def outcome(done: int) -> LoopOutcome:
-        return LoopOutcome(list(losses), list(lrs), done, time.perf_counter() - begun)
+        return LoopOutcome(
+            list(losses), list(lrs[: len(losses)]), done, time.perf_counter() - begun, _notes(run_step)
+        )
 
-    n, (height, width) = x0_all.shape[0], x0_all.shape[2:]
+    def absorb(entries: list[tuple[int, float, float]]) -> None:
+        """Host side of finished steps: the non-finite guard, the loss list, progress."""
+        for step, loss, norm in entries:
+            if not (math.isfinite(loss) and math.isfinite(norm)):
+                what = (
+                    f"the loss became {loss}"
+                    if not math.isfinite(loss)
+                    else f"the gradient norm became {norm}"
+                )
+                _diverged(f"{what} at step {step + 1}", lrs[step], outcome(step), make_result)
+            losses.append(loss)
+            if on_progress is not None:
+                done = step + 1
+                elapsed = time.perf_counter() - begun
+                eta = elapsed / (done - start) * (settings.steps - done)
+                on_progress(Progress(done, settings.steps, loss, lrs[step], eta))
+
     if settings.gradient_checkpointing:
         backend.set_gradient_checkpointing(True)
     try:
@@ -135,45 +181,56 @@ def run_loop(
             for step in range(start, settings.steps):
                 if should_cancel is not None and should_cancel():
                     raise TrainingCancelled(f"training cancelled at step {step} of {settings.steps}")
-                idx = torch.randint(n, (settings.batch_size,), generator=generator)
-                t = sample_timesteps(
-                    settings.batch_size, (height, width), generator, settings.timestep_shift, backend.device
+                index, t, noise = draws.take(step)
+                lrs.append(base_lr * lr_at(step))
+                loss, norm = run_step(
+                    x0_all.index_select(0, index),
+                    t,
+                    noise,
+                    None if w_all is None else w_all.index_select(0, index),
                 )
-                x0 = x0_all[idx]
-                noise = torch.randn(x0.shape, generator=generator).to(backend.device, x0.dtype)
-                lr = float(optimizer.param_groups[-1]["lr"])
-                with torch.autocast(backend.device.type, dtype=torch.bfloat16, enabled=settings.bf16):
-                    loss = flow_loss(
-                        backend, x0, cond, t, noise, settings.guidance, None if w_all is None else w_all[idx]
-                    )
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    _diverged(f"the loss became {value} at step {step + 1}", lr, outcome(step), make_result)
-                loss.backward()
-                norm = clip_and_check(trainable, settings.max_grad_norm)
-                if not math.isfinite(norm):
-                    optimizer.zero_grad(set_to_none=True)
-                    _diverged(
-                        f"the gradient norm became {norm} at step {step + 1}", lr, outcome(step), make_result
-                    )
-                optimizer.step()
+                log.record(step, loss, norm)
                 scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                losses.append(value)
-                lrs.append(lr)
+                absorb(log.ready())
                 done = step + 1
                 if settings.checkpoint_every and (
                     done % settings.checkpoint_every == 0 or done == settings.steps
                 ):
+                    absorb(log.ready(keep_newest=False))  # never checkpoint past a non-finite step
+                    state = TrainState(params, optimizer, scheduler, _generator(draws.state_before(done)))
                     save_checkpoint(settings.checkpoint_path, state, done, losses, describe)  # type: ignore[arg-type]
-                if on_progress is not None:
-                    elapsed = time.perf_counter() - begun
-                    eta = elapsed / (done - start) * (settings.steps - done)
-                    on_progress(Progress(done, settings.steps, value, lr, eta))
+            absorb(log.ready(keep_newest=False))
     finally:
         if settings.gradient_checkpointing:
             backend.set_gradient_checkpointing(False)
     return outcome(settings.steps)
+
+
+def _stepper(step_fn: TrainStep, backend: FluxBackend, settings: LoopSettings):
+    """The eager step, or its CUDA-graph capture where the device and the backend allow one."""
+    if settings.capture_step and backend.device.type == "cuda" and getattr(backend, "capturable", False):
+        return CapturedStep(step_fn)
+
+    def eager(*inputs):
+        out = step_fn(*inputs)
+        step_fn.release()
+        return out
+
+    return eager
+
+
+def _notes(run_step) -> list[str]:
+    if isinstance(run_step, CapturedStep):
+        if run_step.failed:
+            return [f"CUDA-graph capture failed, trained eagerly: {run_step.failed}"]
+        return ["training step captured as a CUDA graph"] if run_step.graph is not None else []
+    return []
+
+
+def _generator(state: torch.Tensor) -> torch.Generator:
+    g = torch.Generator()
+    g.set_state(state)
+    return g
 
 
 def _diverged(what: str, lr: float, last: LoopOutcome, make_result) -> None:

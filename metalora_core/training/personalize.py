@@ -47,6 +47,7 @@ class PersonalizeConfig:
     checkpoint_every: int = 0  # 0: no checkpoints
     checkpoint_path: str | None = None
     resume_from: str | None = None
+    capture_step: bool = True  # on a GPU, replay the step as a CUDA graph (speed only; falls back by itself)
     extra: dict[str, object] = field(default_factory=dict)  # recorded in the adapter's metadata only
 
     def loop_settings(self) -> LoopSettings:
@@ -66,6 +67,7 @@ class PersonalizeResult:
     lrs: list[float]
     steps_done: int
     seconds: float
+    notes: list[str] = field(default_factory=list)  # how the steps ran (e.g. captured as a CUDA graph)
 
 
 def head_dtype(backend: FluxBackend) -> torch.dtype:
@@ -114,7 +116,9 @@ def personalize(
             "final_loss": outcome.losses[-1] if outcome.losses else None,
         }
         adapter = heads_to_adapter(heads, lomd, backend.dims, training)
-        return PersonalizeResult(adapter, outcome.losses, outcome.lrs, outcome.steps_done, outcome.seconds)
+        return PersonalizeResult(
+            adapter, outcome.losses, outcome.lrs, outcome.steps_done, outcome.seconds, outcome.notes
+        )
 
     outcome = run_loop(
         backend,

@@ -25,6 +25,11 @@ class TextConditioning:
     context: torch.Tensor  # (tokens, context_dim)
     pooled: torch.Tensor | None = None  # (vec_dim,)
 
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> TextConditioning:
+        """The same features on ``device`` in ``dtype`` (moved once, before a loop, not once per step)."""
+        pooled = None if self.pooled is None else self.pooled.to(device, dtype)
+        return TextConditioning(self.context.to(device, dtype), pooled)
+
     def batch(
         self, n: int, device: torch.device | str, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -89,9 +89,19 @@ def param_groups(
 
 
 def make_adamw(
-    groups: list[dict[str, object]], betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8
+    groups: list[dict[str, object]],
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    fused: bool = False,
 ) -> torch.optim.AdamW:
-    # foreach=False keeps the update order fixed, so the same seed gives bit-identical weights.
+    """AdamW; ``fused``: one kernel per parameter group, reading a ``found_inf`` flag on the device.
+
+    Both are deterministic (the same seed gives bit-identical weights). The fused one is what a training
+    step on a GPU wants (no per-parameter kernels, no host decision on non-finite steps, CUDA-graph
+    capturable); the per-parameter one stays for meta-training, whose head state is paged through the CPU.
+    """
+    if fused:
+        return torch.optim.AdamW(groups, betas=betas, eps=eps, fused=True)
     return torch.optim.AdamW(groups, betas=betas, eps=eps, foreach=False)
 
 
@@ -103,22 +113,9 @@ class TrainingDiverged(MetaLoRAError):
         self.result = result
 
 
-def clip_and_check(params: list[torch.nn.Parameter], max_norm: float | None) -> float:
-    """Clip gradients (if ``max_norm``) and return their total norm; NaN/inf means do not step."""
-    grads = [p for p in params if p.grad is not None]
-    if not grads:
-        return 0.0
-    if max_norm and max_norm > 0:
-        norm = torch.nn.utils.clip_grad_norm_(grads, max_norm, error_if_nonfinite=False, foreach=False)
-    else:
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in grads]))
-    return float(norm)
-
-
 __all__ = [
     "SCHEDULES",
     "TrainingDiverged",
-    "clip_and_check",
     "lr_multiplier",
     "make_adamw",
     "make_scheduler",

@@ -7,21 +7,46 @@ call time, so a gradient-checkpoint recompute can slice differently from the for
 ``CheckpointError`` (ComfyUI issue #15845). Sage/int8 kernels are not differentiable either.
 
 Training therefore passes ComfyUI's own ``optimized_attention_override`` hook in the ``transformer_options``
-of its forward only: every attention call then runs PyTorch's ``scaled_dot_product_attention`` (through
-ComfyUI's registered "pytorch" function), which autograd differentiates and whose kernel choice depends on
-the inputs only, so a recompute is identical. Sampling never sees the override and keeps ComfyUI's choice.
+of its forward only: every attention call then runs PyTorch's ``scaled_dot_product_attention`` with the
+calling convention of ComfyUI's "pytorch" attention, restricted to flash, memory-efficient or math kernels
+(``metalora_core.training.attention``): autograd differentiates them, their choice depends on the inputs
+only (so a checkpoint recompute, which calls the override again, is identical), and cuDNN's fused
+attention, whose backward fails on Hopper GPUs, is never used. ComfyUI's own "pytorch" function would not
+do: it enters ``sdpa_kernel`` itself with cuDNN second in line. Sampling never sees the override and keeps
+ComfyUI's choice.
 """
 
 from __future__ import annotations
 
+from ...metalora_core.training.attention import heads_attention
+
 OVERRIDE_KEY = "optimized_attention_override"
 
 
-def training_attention(func, *args, **kwargs):
-    """``optimized_attention_override``: ignore ComfyUI's choice ``func`` and run its "pytorch" attention."""
-    from comfy.ldm.modules.attention import get_attention_function
-
-    return get_attention_function("pytorch")(*args, **kwargs)
+def training_attention(
+    func,
+    q,
+    k,
+    v,
+    heads,
+    mask=None,
+    attn_precision=None,
+    skip_reshape=False,
+    skip_output_reshape=False,
+    **kwargs,
+):
+    """``optimized_attention_override``: ignore ComfyUI's choice ``func``; SDPA without cuDNN instead."""
+    return heads_attention(
+        q,
+        k,
+        v,
+        heads,
+        mask,
+        skip_reshape,
+        skip_output_reshape,
+        kwargs.get("scale"),
+        bool(kwargs.get("enable_gqa")),
+    )
 
 
 def with_training_attention(transformer_options: dict) -> dict:

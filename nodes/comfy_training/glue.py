@@ -1,8 +1,9 @@
 """Pure helpers of the Train Identity node (no ComfyUI import, unit-tested under plain pytest).
 
 ComfyUI's CONDITIONING -> the trainer's ``TextConditioning``, the LOSS_MAP ComfyUI's own "Plot Loss Graph"
-node reads, the ``metalora.train_progress`` event payload, and the activation memory to reserve when
-ComfyUI loads the model for training.
+node reads, and the ``metalora.train_progress`` event payload. (The activation memory to reserve when
+ComfyUI loads the model for training is ``metalora_core.training.memory.activation_bytes``, which the
+standalone trainer uses too.)
 """
 
 from __future__ import annotations
@@ -72,35 +73,6 @@ def progress_event(node_id: str | None, progress: Progress) -> dict[str, object]
         "lr": float(progress.lr),
         "eta_s": float(progress.eta_s),
     }
-
-
-# Saved activations per token and hidden unit for one FLUX block's forward + backward: qkv (3), q/k after
-# norm and RoPE (2 x 2), attention output (1), projections and MLP input/hidden/GELU (1 + 2 + 4 + 4), norms and
-# modulated inputs (4), residual streams (2). Rounded up to 24; the estimate only decides how much of the
-# model ComfyUI keeps resident, and low-VRAM streaming absorbs the error.
-_PER_BLOCK = 24
-
-
-def activation_bytes(
-    dims: FluxDims,
-    latent_hw: tuple[int, int],
-    text_tokens: int,
-    batch: int = 1,
-    dtype: torch.dtype = torch.bfloat16,
-    checkpointing: bool = True,
-) -> int:
-    """Activation memory of one training step, to reserve when loading the model (``memory_required``).
-
-    Without checkpointing every block keeps its activations until backward; with it only each block's
-    inputs stay, and one block at a time is recomputed.
-    """
-    tokens = (latent_hw[0] // 2) * (latent_hw[1] // 2) + text_tokens
-    unit = batch * tokens * dims.hidden * torch.finfo(dtype).bits // 8
-    blocks = dims.depth + dims.depth_single
-    per_block = _PER_BLOCK * unit * max(1, dims.mlp_hidden // (4 * dims.hidden))
-    kept = blocks * 2 * unit + per_block if checkpointing else blocks * per_block
-    attention = batch * dims.heads * tokens * tokens * 4  # one score matrix (math attention, float32)
-    return int(kept + attention + 64 * unit)
 
 
 def eta_text(seconds: float) -> str:

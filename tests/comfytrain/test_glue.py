@@ -64,13 +64,15 @@ def test_progress_event_has_the_contract_fields(glue):
     assert event == {"node": "7", "step": 3, "total": 10, "loss": 0.125, "lr": 4e-4, "eta_s": 12.5}
 
 
-def test_activation_memory_grows_with_size_and_checkpointing_saves(glue):
-    small = glue.activation_bytes(TINY_DIMS, (64, 64), 512)
-    large = glue.activation_bytes(TINY_DIMS, (128, 128), 512)
-    full = glue.activation_bytes(TINY_DIMS, (64, 64), 512, checkpointing=False)
+def test_activation_memory_grows_with_size_and_checkpointing_saves():
+    from metalora_core.training.memory import activation_bytes
+
+    small = activation_bytes(TINY_DIMS, (64, 64), 512)
+    large = activation_bytes(TINY_DIMS, (128, 128), 512)
+    full = activation_bytes(TINY_DIMS, (64, 64), 512, checkpointing=False)
     assert 0 < small < large and small < full
-    assert glue.activation_bytes(TINY_DIMS, (64, 64), 512, batch=2) > small
-    assert glue.activation_bytes(TINY_DIMS, (64, 64), 512, dtype=torch.float32) > small
+    assert activation_bytes(TINY_DIMS, (64, 64), 512, batch=2) > small
+    assert activation_bytes(TINY_DIMS, (64, 64), 512, dtype=torch.float32) > small
 
 
 def test_eta_text(glue):

@@ -33,6 +33,22 @@ def test_bench_runs_tiny(bench, capsys):
     assert name == "ratio meta_over_floor" and value == rows["b"][4]  # b over a, as the table says
 
 
+def test_proxy_mode_counts_ops_and_host_time(bench, capsys):
+    assert (
+        bench.main(["--proxy", "--depth", "1", "--depth-single", "1", "--iters", "1", "--warmup", "0"]) == 0
+    )
+    lines = capsys.readouterr().out.strip().splitlines()
+    rows = {}
+    for line in lines:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if line.startswith("| (") and len(cells) == 5 and cells[1].isdigit():
+            rows[cells[0][1]] = cells  # variant -> name, ops, host s, ops ratio, host ratio
+    assert sorted(rows) == ["a", "b", "d"] and rows["a"][3] == "1.000"
+    assert int(rows["b"][1]) > int(rows["a"][1])  # heads add ops: the count sees the adapter
+    assert lines[-2] == f"ratio ops_meta_over_floor {rows['b'][3]}"
+    assert lines[-1] == f"ratio host_meta_over_floor {rows['b'][4]}"
+
+
 def test_dense_delta_variant_equals_the_bypass_adapter(bench):
     from metalora_core.adapter import BypassLinear, IdentityHead
 

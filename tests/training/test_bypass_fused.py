@@ -1,6 +1,9 @@
-"""The fused bypass (``addmm`` into the layer output) equals the plain sum, values and gradients."""
+"""The fused bypass (``addmm`` into the layer output) equals the plain sum, values and gradients; the pieces of
+a fused layer share one low-rank product; a bf16 layer runs its bypass in bf16 with float32 weights."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -28,14 +31,72 @@ def test_fused_bypass_equals_plain_sum(rows):
     assert torch.equal(layer(x), base(x))
 
 
-def test_mixed_dtype_and_autocast_fall_back():
-    base = torch.nn.Linear(8, 4).to(torch.bfloat16)
-    head = IdentityHead(torch.randn(2, 8), 4, 3, scale=1.0)
+def _split_layer(g: torch.Generator, dtype=torch.float64):
+    """A fused 12-row layer cut into q/k/v-like pieces of 4 rows, each a BypassLinear on one head."""
+    fused = torch.nn.Linear(6, 12, dtype=dtype)
+    head = IdentityHead(torch.randn(3, 6, generator=g, dtype=torch.float64), 12, 5, scale=0.5)
     with torch.no_grad():
-        head.up.fill_(0.1)
-    x = torch.randn(3, 8, dtype=torch.bfloat16)
+        head.up.normal_(0, 1.0, generator=g)
+    pieces = []
+    for start in (0, 4, 8):
+        part = torch.nn.Linear(6, 4, dtype=dtype)
+        with torch.no_grad():
+            part.weight.copy_(fused.weight[start : start + 4])
+            part.bias.copy_(fused.bias[start : start + 4])
+        pieces.append(BypassLinear(part, head, slice(start, start + 4)))
+    return fused, head, pieces
+
+
+def test_pieces_of_a_fused_layer_share_one_low_rank_product(monkeypatch):
+    g = torch.Generator().manual_seed(1)
+    fused, head, pieces = _split_layer(g)
+    calls = []
+    real = head._down_in
+    monkeypatch.setattr(head, "_down_in", lambda dtype: calls.append(dtype) or real(dtype))
+    x = torch.randn(2, 3, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    out = torch.cat([p(x) for p in pieces], dim=-1)
+    assert len(calls) == 1  # Down x and Mid (Down x) once for q, k and v together
+    reference = fused(x) + head(x)  # the canonical fused adapter on the fused layer
+    torch.testing.assert_close(out, reference, rtol=1e-12, atol=1e-12)
+    weights = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    got = torch.autograd.grad((out * weights).sum(), (x, head.mid, head.up))
+    want = torch.autograd.grad((reference * weights).sum(), (x, head.mid, head.up))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    y = torch.randn(2, 3, 6, generator=g, dtype=torch.float64)  # a new input: a new product
+    pieces[0](y)
+    assert len(calls) == 2
+
+
+def test_a_changed_input_or_weight_is_never_served_a_stale_product():
+    g = torch.Generator().manual_seed(2)
+    fused, head, pieces = _split_layer(g)
+    x = torch.randn(3, 6, generator=g, dtype=torch.float64)
+    first = pieces[0](x)
+    with torch.no_grad():
+        x.add_(1.0)  # in place: same tensor object, new version
+    torch.testing.assert_close(pieces[1](x), fused(x)[:, 4:8] + head(x, slice(4, 8)), rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        head.mid.mul_(2.0)  # an optimizer step between forwards
+    torch.testing.assert_close(pieces[2](x), fused(x)[:, 8:] + head(x, slice(8, 12)), rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        again = pieces[0](x - 1.0)
+    assert not torch.allclose(again, first)  # (mid doubled) and no product computed with grad reused
+
+
+def test_bf16_layer_runs_the_bypass_in_bf16_with_float32_weights():
+    g = torch.Generator().manual_seed(3)
+    base = torch.nn.Linear(8, 4).to(torch.bfloat16)
+    head = IdentityHead(torch.randn(2, 8, generator=g), 4, 3, scale=1.0)
+    with torch.no_grad():
+        head.up.normal_(0, 0.3, generator=g)
+    x = torch.randn(3, 8, generator=g, dtype=torch.bfloat16, requires_grad=True)
     out = BypassLinear(base, head)(x)
     assert out.dtype == torch.bfloat16
-    assert torch.allclose(out.float(), (base(x) + head(x).to(torch.bfloat16)).float())
+    exact = copy.deepcopy(base).double()(x.double()) + copy.deepcopy(head).double()(x.double())
+    torch.testing.assert_close(out.double(), exact, rtol=2e-2, atol=2e-2)  # bf16 rounding only
+    out.float().sum().backward()
+    assert head.mid.grad.dtype == head.up.grad.dtype == torch.float32  # master weights stay float32
+    assert head.mid.grad.abs().sum() > 0 and x.grad is not None
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert BypassLinear(torch.nn.Linear(8, 4), head)(torch.randn(3, 8)).dtype == torch.bfloat16
