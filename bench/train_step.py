@@ -231,6 +231,7 @@ class Variants:
             for _ in range(step.warmup + 1):  # eager warm-up steps, then the capture: timed rounds replay
                 self.steps["e"]()
             self.capture_note = step.failed or "captured"
+            self.slots.install("a")  # (the graph replays its own kernels whatever modules are installed)
         if "c" in variants:
             heads = self._heads()
             rows = {m: (k, r) for k in heads for m, r in diffusers_pieces(k.replace("__", "."), dims)}

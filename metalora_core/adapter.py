@@ -162,12 +162,15 @@ class IdentityHead(nn.Module):
 
         The pieces of one fused layer (diffusers' ``to_q``/``to_k``/``to_v`` of BFL's ``qkv``, and
         ``proj_mlp`` of ``linear1``) are called one after the other with the very same input tensor, so
-        the product is computed by the first and reused by the others: one low-rank path per fused target,
-        as the fused layer itself would run. ``Up`` is split once along the pieces' rows, so backward
+        the product is computed by the first and reused by the others (and then dropped): one low-rank path
+        per fused target, as the fused layer itself would run. ``Up`` is split once along the pieces' rows, so backward
         assembles its gradient with one concatenation instead of one zero-filled copy per piece.
         """
         memo = getattr(self, "_memo", None)
         if memo is not None and memo.matches(x, dtype, self):
+            memo.left -= 1
+            if memo.left <= 0:  # the last piece has it: keep nothing past the forward (see below)
+                self._memo = None
             return memo
         h = F.linear(F.linear(_as(self.dropout(x), dtype), self._down_in(dtype)), _as(self.mid, dtype))
         up = _as(self.up, dtype)
@@ -181,7 +184,10 @@ class IdentityHead(nn.Module):
         ):
             blocks.update(zip(spans, up.split([b - a for a, b in spans])))
         memo = _Memo(x, dtype, self, h.reshape(-1, h.shape[-1]), up, blocks)
-        self._memo = memo
+        # Held only until every piece has read it. Held longer, a product computed in a checkpoint's
+        # recompute would keep that recompute's whole graph, and with it the block's activations, alive.
+        memo.left = max(1, len(getattr(self, "_pieces", ()))) - 1
+        self._memo = memo if memo.left > 0 else None
         return memo
 
     def add_into(
@@ -240,6 +246,7 @@ class _Memo:
         self.weights = (head.mid._version, head.up._version, head.down._version)
         self.grad = torch.is_grad_enabled()
         self.h, self.up, self.blocks = h, up, blocks
+        self.left = 0  # pieces still to read it
 
     def matches(self, x: torch.Tensor, dtype: torch.dtype, head: IdentityHead) -> bool:
         return (

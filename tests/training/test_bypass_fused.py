@@ -100,3 +100,22 @@ def test_bf16_layer_runs_the_bypass_in_bf16_with_float32_weights():
     assert head.mid.grad.abs().sum() > 0 and x.grad is not None
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert BypassLinear(torch.nn.Linear(8, 4), head)(torch.randn(3, 8)).dtype == torch.bfloat16
+
+
+def test_no_product_outlives_the_forward_under_checkpointing(backend, lomd, views, cond):
+    """The shared product is dropped once the last piece has read it: one kept past the forward would pin
+    a checkpoint recompute's graph and every activation in it (the memory checkpointing exists to save)."""
+    from metalora_core.inject import make_heads
+    from metalora_core.training.objective import flow_loss
+
+    heads = make_heads(backend.dims, lomd)
+    x0 = views[0].unsqueeze(0)
+    backend.set_gradient_checkpointing(True)
+    try:
+        with backend.adapters(heads):
+            flow_loss(backend, x0, cond, torch.tensor([0.5]), torch.randn(x0.shape)).backward()
+            assert [k for k, h in heads.items() if getattr(h, "_memo", None) is not None] == []
+    finally:
+        backend.set_gradient_checkpointing(False)
+    split = [k for k, h in heads.items() if len(getattr(h, "_pieces", ())) > 1]
+    assert split, "no head with several pieces: the check would be vacuous"

@@ -74,9 +74,11 @@ def test_training_launches_no_cudnn_attention_kernel(gpu):
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_graph_step_equals_eager_step_over_20_steps(gpu, checkpointing):
+    """The captured step is the eager step: it differs from an eager run no more than a second eager run
+    does (flash attention's backward accumulates with atomics, so two eager bf16 runs differ slightly)."""
     backend, cond, views, lomd = gpu
-    results = {}
-    for capture in (False, True):
+    runs = []
+    for capture in (False, False, True):
         cfg = PersonalizeConfig(
             steps=20,
             lr=1e-3,
@@ -85,15 +87,22 @@ def test_graph_step_equals_eager_step_over_20_steps(gpu, checkpointing):
             gradient_checkpointing=checkpointing,
             capture_step=capture,
         )
-        results[capture] = personalize(backend, lomd, views, cond, cfg)
-    eager, graph = results[False], results[True]
+        runs.append(personalize(backend, lomd, views, cond, cfg))
+    eager, again, graph = runs
     assert graph.notes == ["training step captured as a CUDA graph"], graph.notes
     assert eager.notes == []
-    torch.testing.assert_close(torch.tensor(graph.losses), torch.tensor(eager.losses), rtol=1e-3, atol=1e-4)
-    for name in eager.adapter.ups:
-        torch.testing.assert_close(graph.adapter.ups[name], eager.adapter.ups[name], rtol=1e-3, atol=1e-5)
-        torch.testing.assert_close(graph.adapter.mids[name], eager.adapter.mids[name], rtol=1e-3, atol=1e-5)
-    assert max(float(u.abs().max()) for u in graph.adapter.ups.values()) > 1e-4
+
+    def gap(a, b) -> float:
+        losses = max(abs(x - y) for x, y in zip(a.losses, b.losses))
+        ups = max(float((a.adapter.ups[n] - b.adapter.ups[n]).abs().max()) for n in a.adapter.ups)
+        mids = max(float((a.adapter.mids[n] - b.adapter.mids[n]).abs().max()) for n in a.adapter.mids)
+        return max(losses, ups, mids)
+
+    noise, captured = gap(eager, again), gap(eager, graph)
+    print(f"checkpointing {checkpointing}: eager vs eager {noise:.3g}, eager vs graph {captured:.3g}")
+    assert captured <= 4 * noise + 1e-6
+    torch.testing.assert_close(torch.tensor(graph.losses), torch.tensor(eager.losses), rtol=2e-2, atol=1e-3)
+    assert max(float(u.abs().max()) for u in graph.adapter.ups.values()) > 1e-3  # it trained
 
 
 def test_fp8_storage_trains_with_bf16_compute(gpu, tmp_path):
