@@ -1,4 +1,5 @@
-"""Print file sizes of a LoMD, an identity and its folded LoRA for FLUX.1-dev's real shapes (no weights needed).
+"""Print file sizes of a LoMD, an identity and its folded LoRA for FLUX.1-dev's real shapes (no weights needed),
+and the memory FLUX.1-dev's weights hold under each training precision (built on the meta device).
 
 python bench/sizes.py [--rank-down 4] [--rank-mid 16]
 """
@@ -35,5 +36,35 @@ def main() -> None:
         )
 
 
+def resident_weights() -> None:
+    """GiB of FLUX.1-dev's transformer weights in memory under each ``--dtype`` (exact, from the shapes)."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    from metalora_core.targets import diffusers_config_for
+    from metalora_core.training.precision import store_layerwise
+
+    def gib(prepare) -> float:
+        with torch.device("meta"):
+            model = FluxTransformer2DModel(**diffusers_config_for(FLUX1_DEV)).to(torch.bfloat16)
+        prepare(model)
+        return sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
+
+    fp8 = torch.float8_e4m3fn
+    rows = [
+        ("bfloat16", lambda m: None),
+        (
+            "float8_e4m3fn, diffusers' default (modulation kept bf16)",
+            lambda m: m.enable_layerwise_casting(storage_dtype=fp8, compute_dtype=torch.bfloat16),
+        ),
+        ("float8_e4m3fn, this pack (every linear fp8)", lambda m: store_layerwise(m, fp8, torch.bfloat16)),
+    ]
+    print("\n| FLUX.1-dev weights | GiB in memory |")
+    print("| --- | --- |")
+    for name, prepare in rows:
+        print(f"| {name} | {gib(prepare):.2f} |")
+
+
 if __name__ == "__main__":
     main()
+    resident_weights()

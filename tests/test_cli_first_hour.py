@@ -71,6 +71,7 @@ def _one_line_error(capsys, *needles: str) -> str:
         (("--resume", "missing.ckpt.safetensors"), ("--resume missing.ckpt.safetensors", "no such file")),
         (("--face-box", "1,2,3,4", "--face-model", "tiny"), ("--face-box and --face-model",)),
         (("--device", "gpu0"), ("--device gpu0",)),
+        (("--bf16", "--dtype", "bfloat16"), ("--bf16 autocasts a float32 model", "drop --bf16")),
     ],
 )
 def test_personalize_settings_are_refused_before_flux_loads(
@@ -79,6 +80,20 @@ def test_personalize_settings_are_refused_before_flux_loads(
     assert main(_args(kit, tmp_path / "me.safetensors", *extra)) == 2
     _one_line_error(capsys, *needles)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_fp8_storage_from_the_command_line(kit, tmp_path, capsys):
+    """--dtype float8_e4m3fn trains on the CPU too (bf16 compute) and says how the weights are held."""
+    out = tmp_path / "me.safetensors"
+    args = [a for a in _args(kit, out, "--dtype", "float8_e4m3fn", "--steps", "2") if a != "--quiet"]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert "(float8_e4m3fn weights, bfloat16 compute (cast layer by layer), on cpu;" in captured.err
+    report = json.loads(captured.out.strip().splitlines()[-1])
+    assert (
+        report["precision"].startswith("float8_e4m3fn weights") and report["gradient_checkpointing"] is False
+    )
+    assert load_identity(out).training["steps_done"] == 2
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device exists here")

@@ -89,8 +89,10 @@ class DiffusersFluxBackend:
         if storage_dtype is None or storage_dtype == dtype:
             model, dims = load_diffusers_flux(path, dtype=dtype, device=device)
             return cls(model, dims)
+        from .precision import store_layerwise
+
         model, dims = load_diffusers_flux(path, dtype=dtype, device="cpu")
-        model.enable_layerwise_casting(storage_dtype=storage_dtype, compute_dtype=dtype)
+        store_layerwise(model, storage_dtype, dtype)
         return cls(model.to(device), dims, compute_dtype=dtype)
 
     def velocity(

@@ -18,6 +18,7 @@ from metalora_core.targets import FluxDims, diffusers_config_for
 from metalora_core.training.diffusers_backend import DiffusersFluxBackend
 from metalora_core.training.objective import flow_loss
 from metalora_core.training.personalize import PersonalizeConfig, personalize
+from metalora_core.training.precision import store_layerwise
 from metalora_core.training.protocol import TextConditioning
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -108,7 +109,7 @@ def test_graph_step_equals_eager_step_over_20_steps(gpu, checkpointing):
 def test_fp8_storage_trains_with_bf16_compute(gpu, tmp_path):
     _, cond, views, lomd = gpu
     model = _model()
-    model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
+    store_layerwise(model, torch.float8_e4m3fn, torch.bfloat16)
     backend = DiffusersFluxBackend(model, DIMS, compute_dtype=torch.bfloat16)
     assert backend.dtype == torch.bfloat16 and not backend.capturable
     assert model.transformer_blocks[0].attn.to_q.weight.dtype == torch.float8_e4m3fn

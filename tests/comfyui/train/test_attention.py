@@ -112,3 +112,38 @@ def test_sampling_keeps_comfyuis_choice(comfy, attn, pack, load, tiny_bfl, lomd,
             transformer_options=dict(model.model_options.get("transformer_options", {})),
         )
     assert len(calls) == 4  # a sampling forward runs it in each of the 2 double + 2 single blocks
+
+
+def test_training_attention_never_allows_cudnn_and_sampling_is_untouched(
+    comfy, attn, pack, load, tiny_bfl, lomd, monkeypatch
+):
+    """Inside the real ComfyUI: every SDPA call of the training forward and of its checkpoint recompute runs
+    with cuDNN attention switched off (its backward fails on Hopper); a sampling forward is left alone."""
+    from tests.sdpa_spy import TRAINING_FLAGS, sdpa_flags
+
+    seen = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append(sdpa_flags())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    model = load(tiny_bfl, torch.float32)
+    _train(pack, model, lomd, checkpointing=True)
+    blocks = 4  # 2 double + 2 single blocks: one attention each
+    assert len(seen) == 3 * 2 * blocks  # 3 steps x (forward + checkpoint recompute) x blocks
+    assert set(seen) == {TRAINING_FLAGS}, seen
+    seen.clear()  # sampling, with ComfyUI's choice set to its PyTorch attention (on a CPU it is sub-quadratic)
+    monkeypatch.setattr(comfy.ldm.flux.math, "optimized_attention", attn.get_attention_function("pytorch"))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        model.model.diffusion_model(
+            torch.randn(1, 16, 16, 8, generator=g),
+            torch.tensor([0.5]),
+            context=torch.randn(1, 32, 64, generator=g),
+            y=torch.randn(1, 32, generator=g),
+            guidance=torch.tensor([3.5]),
+            transformer_options=dict(model.model_options.get("transformer_options", {})),
+        )
+    assert seen and all(flags[0] for flags in seen)  # sampling: PyTorch's own switches
