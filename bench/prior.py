@@ -81,13 +81,27 @@ class Family:
             self.V[t.name] = torch.linalg.qr(torch.randn(t.in_features, args.true_rank, generator=g))[0].T
             self.B[t.name] = torch.randn(args.family_dim, t.out_features, args.true_rank, generator=g)
             self.norm[t.name] = float(weights[t.name].norm())
+        # The nuisance family (bench/one_photo.py): what varies between photos of anyone (pose, light,
+        # background). Its own input subspace U_l, whose principal angles to V_l all have cos^2 = overlap,
+        # and its own output bases; drawn from a generator of its own, so the identities stay as they were.
+        self.nuisance, overlap = getattr(args, "nuisance", 0.0), getattr(args, "overlap", 0.0)
+        self.U, self.C = {}, {}
+        gn = torch.Generator().manual_seed(args.seed + 2000)
+        for t in self.targets:
+            v = self.V[t.name].T  # (in, r)
+            q = torch.linalg.qr(torch.cat([v, torch.randn(t.in_features, args.true_rank, generator=gn)], 1))[
+                0
+            ]
+            apart = q[:, args.true_rank :]  # orthonormal, orthogonal to V_l
+            self.U[t.name] = (overlap**0.5 * v + (1 - overlap) ** 0.5 * apart).T
+            self.C[t.name] = torch.randn(args.family_dim, t.out_features, args.true_rank, generator=gn)
 
-    def teacher(self, j: int) -> nn.ModuleDict:
-        """Identity ``j``'s change as fixed heads: Down = [V; P], Mid = I, Up = [sum z B, Q]."""
+    def change(self, j: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Identity ``j``'s change per layer as ``(down, up)`` with ``up @ down = dW``: Down = [V; P]."""
         a = self.args
         g = torch.Generator().manual_seed(a.seed * 7919 + j)
         z = torch.randn(a.family_dim, generator=g)
-        heads = nn.ModuleDict()
+        out = {}
         for t in self.targets:
             shared_up = torch.einsum("k,kor->or", z, self.B[t.name])
             private_down = torch.linalg.qr(torch.randn(t.in_features, 2, generator=g))[0].T
@@ -99,9 +113,42 @@ class Family:
             gain = a.strength * self.norm[t.name]
             down = torch.cat([self.V[t.name], private_down])
             up = gain * torch.cat([shared @ self.V[t.name].T, private @ private_down.T], dim=1)
+            out[t.name] = (down, up)
+        return out
+
+    def nuisance_change(self, j: int, p: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Photo ``p`` of identity ``j``: its nuisance change per layer, ``(U_l, up)``, with
+        ``|N|^2 = nuisance * |dW_j|^2`` (the identity's energy on that layer)."""
+        g = torch.Generator().manual_seed(self.args.seed * 104_729 + j * 1_000 + p)
+        w = torch.randn(self.args.family_dim, generator=g)
+        identity = self.change(j)
+        out = {}
+        for t in self.targets:
+            n = torch.einsum("k,kor->or", w, self.C[t.name]) @ self.U[t.name]
+            down, up = identity[t.name]
+            n = n / n.norm() * (up @ down).norm() * self.nuisance**0.5
+            out[t.name] = (self.U[t.name], n @ self.U[t.name].T)
+        return out
+
+    def heads(self, parts: list[dict[str, tuple[torch.Tensor, torch.Tensor]]]) -> nn.ModuleDict:
+        """Fixed heads (Mid = I) whose change is the sum of ``parts`` (each ``{layer: (down, up)}``)."""
+        heads = nn.ModuleDict()
+        for t in self.targets:
+            down = torch.cat([part[t.name][0] for part in parts])
+            up = torch.cat([part[t.name][1] for part in parts], dim=1)
             r = down.shape[0]
             heads[head_key(t.name)] = IdentityHead(down, t.out_features, r, 1.0, torch.eye(r), up)
         return heads
+
+    def teacher(self, j: int) -> nn.ModuleDict:
+        """Identity ``j``'s change as fixed heads: Down = [V; P], Mid = I, Up = [sum z B, Q]."""
+        return self.heads([self.change(j)])
+
+    def photo(self, j: int, p: int) -> nn.ModuleDict:
+        """Photo ``p`` of identity ``j``: the identity's change plus that photo's nuisance change."""
+        if not self.nuisance:
+            return self.teacher(j)
+        return self.heads([self.change(j), self.nuisance_change(j, p)])
 
 
 def fused_weights(backend: DiffusersFluxBackend):
@@ -115,10 +162,13 @@ def fused_weights(backend: DiffusersFluxBackend):
 
 
 class Task:
-    """One identity's fixed draws, its teacher's velocities, and the base model's loss (the normaliser)."""
+    """Fixed draws (seeded by ``draw_seed``), a teacher's velocities on them, and the base model's loss
+    against that teacher (the normaliser: 1.0 = nothing learned)."""
 
-    def __init__(self, backend: DiffusersFluxBackend, family: Family, j: int, draws: int) -> None:
-        g = torch.Generator().manual_seed(10_000 + j)
+    def __init__(
+        self, backend: DiffusersFluxBackend, teacher: nn.ModuleDict, draw_seed: int, draws: int
+    ) -> None:
+        g = torch.Generator().manual_seed(draw_seed)
         dims = backend.dims
         self.backend = backend
         self.x = torch.randn(draws, dims.in_channels, 16, 16, generator=g)
@@ -127,7 +177,7 @@ class Task:
             torch.randn(8, dims.context_dim, generator=g), torch.randn(dims.vec_dim, generator=g)
         )
         with torch.no_grad():
-            with backend.adapters(family.teacher(j)):
+            with backend.adapters(teacher):
                 self.target = self.velocity()
             self.base = float((self.velocity() - self.target).pow(2).mean())
 
@@ -138,12 +188,19 @@ class Task:
         return (self.velocity() - self.target).pow(2).mean() / self.base
 
 
-def fit(task: Task, params, steps: int, lr: float) -> list[float]:
-    """AdamW on ``params`` for ``steps`` steps; the loss before each step and after the last."""
+def fit(task: Task | list[Task], params, steps: int, lr: float, probe=None) -> list[float]:
+    """AdamW on ``params`` for ``steps`` steps; the loss before each step and after the last.
+
+    Several tasks (photos of one person) are taken in turn, one per step. ``probe(step)``, if given, is
+    called before each step and after the last (the held-out evaluation of bench/one_photo.py).
+    """
+    tasks = task if isinstance(task, list) else [task]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     curve = []
     for step in range(steps + 1):
-        loss = task.loss()
+        if probe is not None:
+            probe(step)
+        loss = tasks[step % len(tasks)].loss()
         curve.append(float(loss.detach()))
         if step == steps:
             break
@@ -153,24 +210,27 @@ def fit(task: Task, params, steps: int, lr: float) -> list[float]:
     return curve
 
 
-def personalize(task: Task, lomd: LoMD, steps: int, lr: float, seed: int) -> list[float]:
+def personalize(task: Task, lomd: LoMD, steps: int, lr: float, seed: int, probe=None) -> list[float]:
     torch.manual_seed(seed)  # Mid's random init: the same for every Down
     heads = make_heads(task.backend.dims, lomd)
     with task.backend.adapters(heads):
-        return fit(task, list(heads.parameters()), steps, lr)
+        return fit(task, list(heads.parameters()), steps, lr, probe)
 
 
 def plain_lora(
-    task: Task, steps: int, lr: float, seed: int, rank: int = 16
+    task: Task | list[Task], steps: int, lr: float, seed: int, rank: int = 16, probe=None
 ) -> tuple[list[float], dict[str, torch.Tensor]]:
-    backend = task.backend
+    backend = (task[0] if isinstance(task, list) else task).backend
     with peft_lora(backend.model, diffusers_modules(backend, PRESET), rank, float(rank), seed) as params:
-        curve = fit(task, list(params.values()), steps, lr)
+        curve = fit(task, list(params.values()), steps, lr, probe)
         return curve, export_peft(params, 1.0)
 
 
-def meta_train(backend: DiffusersFluxBackend, tasks: list[Task], args) -> LoMD:
-    """Stage 1 on this objective: one shared Down (Parameter) under every training identity's head."""
+def meta_train(backend: DiffusersFluxBackend, tasks: list[Task] | list[list[Task]], args) -> LoMD:
+    """Stage 1 on this objective: one shared Down (Parameter) under every training identity's head.
+
+    ``tasks[j]`` is identity ``j``'s task, or the list of its photos' tasks, taken in turn (the paper's
+    stage 1 sees several photos per identity)."""
     dims = backend.dims
     downs = {
         t.name: nn.Parameter(seeded_down(t.name, t.in_features, SHAPE.rank_down, args.seed))
@@ -191,8 +251,9 @@ def meta_train(backend: DiffusersFluxBackend, tasks: list[Task], args) -> LoMD:
         opt.zero_grad(set_to_none=True)
         batch = [(step * args.meta_batch + i) % len(tasks) for i in range(args.meta_batch)]
         for j in batch:
+            task = tasks[j][step % len(tasks[j])] if isinstance(tasks[j], list) else tasks[j]
             with backend.adapters(bank[j]):
-                (tasks[j].loss() / len(batch)).backward()
+                (task.loss() / len(batch)).backward()
         opt.step()
     lomd = {n: d.detach().clone() for n, d in downs.items()}
     return LoMD(lomd, SHAPE, "flux", dims.hidden, {SOURCE_KEY: "meta-trained"})
@@ -236,8 +297,10 @@ def main(argv: list[str] | None = None) -> int:
         flux = write_tiny_flux(Path(tmp) / "tiny_flux.safetensors", "bfl", TINY_DIMS, seed=0)
         backend = DiffusersFluxBackend.from_path(flux)
         family = Family(backend, args)
-        train = [Task(backend, family, j, args.draws) for j in range(args.train_ids)]
-        held = [Task(backend, family, 100_000 + j, args.draws) for j in range(args.heldout)]
+        train = [Task(backend, family.teacher(j), 10_000 + j, args.draws) for j in range(args.train_ids)]
+        held = [
+            Task(backend, family.teacher(100_000 + j), 110_000 + j, args.draws) for j in range(args.heldout)
+        ]
 
         t0 = time.perf_counter()
         meta = meta_train(backend, train, args)
