@@ -231,6 +231,8 @@ def lomd_from_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str
             alphas[key[: -len(".alpha")]] = float(value.float().reshape(-1)[0])
             continue
         placed = _place_down_key(key)
+        if placed is None and not any(_place_down_key(k) for k in tensors if not k.endswith(".alpha")):
+            raise MetaLoRAError(_not_a_lomd(tensors, metadata, source))
         if placed is None:
             raise MetaLoRAError(
                 f"{source}: cannot place key '{key}' as a FLUX LoMD down matrix (expected "
@@ -269,6 +271,25 @@ def lomd_from_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str
             f"{source}: content fingerprint {lomd.fingerprint} does not match its metadata ({declared}); the file is damaged"
         )
     return lomd
+
+
+def _not_a_lomd(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], source: str) -> str:
+    """What a file given as a LoMD holds instead, in one line (no key of it is a down matrix)."""
+    keys = sorted(tensors)
+    sample = ", ".join(f"'{k}' {tuple(tensors[k].shape)}" for k in keys[:3])
+    more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+    fmt = metadata.get("format")
+    what = f"format '{fmt}', " if fmt else ""
+    if any(
+        re.match(r"(model\.diffusion_model\.)?(double_blocks|single_blocks)\.\d+\..*weight$", k) for k in keys
+    ):
+        what += "a FLUX model checkpoint, "
+    return (
+        f"{source}: this file is not a LoMD: it holds {what}{len(keys)} tensor(s) ({sample}{more}), none of them "
+        f"a down matrix ('<flux layer>{DOWN_SUFFIX}', kohya '..._lora_down.weight' or diffusers "
+        "'....lora_A.weight'). Make a LoMD with `metalora lomd seeded`, `metalora lomd distill` or "
+        "`metalora meta-train`"
+    )
 
 
 def load_lomd(path: str | os.PathLike) -> LoMD:

@@ -21,7 +21,7 @@ from ..metalora_core.faces import face_box
 from ..metalora_core.training.memory import activation_bytes
 from ..metalora_core.training.personalize import PersonalizeConfig, personalize
 from ..metalora_core.training.protocol import Progress, TrainingCancelled
-from ..metalora_core.training.schedules import SCHEDULES
+from ..metalora_core.training.schedules import SCHEDULES, capped_warmup
 from .comfy_training.backend import ComfyFluxBackend
 from .comfy_training.glue import (
     PROGRESS_EVENT,
@@ -262,6 +262,9 @@ class MetaLoRATrainIdentity(io.ComfyNode):
                     "face_model": face_model if box is not None else None,
                 },
             )
+            _, warmup_note = capped_warmup(steps, warmup_steps)
+            if warmup_note:
+                LOG.warning("Meta-LoRA: %s", warmup_note)
             bar = comfy.utils.ProgressBar(steps, node_id=node_id)
 
             def on_progress(p: Progress) -> None:

@@ -347,3 +347,80 @@ def test_meta_train_allows_lr_0_and_checks_init_lomd(kit, tmp_path, capsys, no_m
     assert "--lr" not in _one_line_error(capsys, "no identities with images")
     assert main([*base, "--init-lomd", str(tmp_path / "nope.safetensors")]) == 2
     _one_line_error(capsys, "--init-lomd", "no such file")
+
+
+# --- the second hour (issue 18) ----------------------------------------------------------------------------
+
+
+def test_steps_below_the_warmup_cap_it_and_say_so(kit, tmp_path, capsys):
+    out = tmp_path / "me.safetensors"
+    args = [a for a in _args(kit, out, "--steps", "3") if a != "--quiet"]  # default warm-up: 20 steps
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "warm-up capped at 2 steps (asked 20) so that the last of the 3 steps trains at the set" in err
+    assert err.count("warm-up capped") == 1  # said once, before training
+    assert load_identity(out).training["steps_done"] == 3
+
+
+def test_a_file_that_is_no_lomd_says_what_it_holds(kit, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    other = tmp_path / "random.safetensors"
+    save_file({"model.layer1.weight": torch.zeros(3, 4), "model.layer1.bias": torch.zeros(3)}, str(other))
+    args = _args(kit, tmp_path / "me.safetensors")
+    args[args.index("--lomd") + 1] = str(other)
+    assert main(args) == 2
+    line = _one_line_error(capsys, f"--lomd {other}: this file is not a LoMD: it holds 2 tensor(s)")
+    assert "'model.layer1.bias' (3,)" in line and "metalora lomd seeded" in line
+
+
+def test_a_text_file_given_as_the_photo_names_the_option(kit, tmp_path, capsys):
+    text = tmp_path / "notes.txt"
+    text.write_text("not a photo")
+    args = _args(kit, tmp_path / "me.safetensors")
+    args[args.index("--image") + 1] = str(text)
+    assert main(args) == 2
+    _one_line_error(capsys, f"--image {text}: not a readable image", "JPEG, PNG or WebP")
+
+
+def test_a_folder_named_like_a_preset_wins_over_the_preset(tmp_path, capsys, monkeypatch):
+    """`--model flux` with a folder ./flux beside it reads the folder (a tiny FLUX here), and says so."""
+    from metalora_core.dev.tiny_flux import TINY_DIMS, write_tiny_flux
+    from metalora_core.formats import load_lomd
+
+    write_tiny_flux(tmp_path / "flux", "diffusers", TINY_DIMS, seed=0)
+    monkeypatch.chdir(tmp_path)
+    assert main(["lomd", "seeded", "--model", "flux", "--out", "seeded.safetensors"]) == 0
+    err = capsys.readouterr().err
+    assert "--model flux: reading the checkpoint 'flux' found here, not the FLUX.1 preset" in err
+    assert load_lomd(tmp_path / "seeded.safetensors").hidden_size == 128  # the folder's width, not 3072
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert main(["lomd", "seeded", "--model", "flux", "--out", "preset.safetensors"]) == 0
+    assert load_lomd(tmp_path / "elsewhere" / "preset.safetensors").hidden_size == 3072
+
+
+def test_help_lists_the_commands_in_the_order_of_the_work_and_dev_last(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    listing = capsys.readouterr().out
+    order = ["demo", "lomd", "encode-caption", "personalize", "export", "score", "inspect", "meta-train"]
+    positions = [listing.index(f"\n    {name}") for name in order]
+    assert positions == sorted(positions)
+    assert listing.index("\n    dev") > max(positions) and "not for use" in listing
+    assert "rank-r_d" not in build_parser().format_help()
+
+
+def test_encode_caption_writes_what_personalize_would_encode(tmp_path, capsys):
+    from metalora_core.dev.tiny_pipeline import write_tiny_pipeline
+    from metalora_core.training.conditioning import encode_prompt, load_conditioning
+
+    pipeline = write_tiny_pipeline(tmp_path / "pipe")
+    out = tmp_path / "cond.safetensors"
+    assert (
+        main(["encode-caption", "--text-encoders", str(pipeline), "--out", str(out), "--trigger", "sks"]) == 0
+    )
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["caption"] == "photo of sks person"
+    got, want = load_conditioning(out), encode_prompt(pipeline, "photo of sks person")
+    assert torch.equal(got.context, want.context) and torch.equal(got.pooled, want.pooled)

@@ -3,7 +3,10 @@ personalize command reproduces the identity bit for bit, and the real-weights pa
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import re
 import shlex
 
 import pytest
@@ -14,14 +17,51 @@ from metalora_core.formats import load_identity
 from metalora_core.sampling import flux_schedule
 from metalora_core.training.objective import flux_mu
 
-SMALL = ["--steps", "8", "--meta-steps", "4", "--images", "2", "--sample-steps", "3", "--quiet"]
+SMALL = ["--steps", "8", "--meta-steps", "4", "--images", "2", "--sample-steps", "3"]
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
+def demo_console(tmp_path_factory):
+    """The demo run once, as a user sees it: (out folder, report.json, stdout, stderr)."""
     out = tmp_path_factory.mktemp("demo") / "run"
-    assert main(["demo", "--out", str(out), *SMALL]) == 0
-    return out, json.loads((out / "report.json").read_text())
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        assert main(["demo", "--out", str(out), *SMALL]) == 0
+    return out, json.loads((out / "report.json").read_text()), stdout.getvalue(), stderr.getvalue()
+
+
+@pytest.fixture(scope="module")
+def demo(demo_console):
+    return demo_console[:2]
+
+
+def test_the_console_ends_with_one_plain_line_pointing_to_the_report(demo_console):
+    out, _, stdout, stderr = demo_console
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("metalora demo: done in ")
+    assert lines[-1].endswith(f"Open {out / 'report.html'} in a browser to see the report.")
+    assert "dropped" not in stderr  # the demo draws its own identities: none is refused
+    assert "None" not in stderr
+    assert (
+        "no R-FaceSim: no face in the 2 generated images (tiny face models find only a drawn marker" in stderr
+    )
+    report = json.loads(stdout.strip().splitlines()[-1])  # stdout stays one JSON line for scripts
+    assert set(report["last_quarter_loss"]) == {
+        "Meta-LoRA (meta-trained LoMD)", "Meta-LoRA (distilled LoMD)", "Meta-LoRA (seeded LoMD)",
+        "plain LoRA (rank 16)",
+    }  # fmt: skip
+
+
+def test_every_score_cell_holds_a_value_or_its_reason(demo):
+    out, _ = demo
+    page = (out / "report.html").read_text()
+    section = page[page.index("<h2>Scores (R-FaceSim)</h2>") : page.index("<h2>Export</h2>")]
+    cells = re.findall(r"<td>(.*?)</td>", section)
+    assert len(cells) == 6 and all(c.strip() for c in cells) and "None" not in section
+    assert "not computed: none of the 2 generated images has a detectable face" in cells[0]
+    assert "Why the scores are empty here" in section  # the reason, where the cells are
+    assert "tiny face models find only a drawn marker" in section  # beside "no detectable face"
+    assert "training loss (flow matching)" in page  # the loss chart's y axis has a title
 
 
 def test_demo_runs_every_stage_and_writes_the_report(demo):
@@ -99,3 +139,38 @@ def test_flux_schedule_runs_from_noise_to_image_and_shifts_like_flux():
     assert float(times[2]) > 0.5  # unshifted it would be exactly 0.5
     mid = flux_schedule(2, (64, 64))[1]  # t = 0.5 shifted: exp(mu) / (exp(mu) + 1) = sigmoid(mu)
     assert float(mid) == pytest.approx(float(torch.sigmoid(torch.tensor(flux_mu(1024)))), rel=1e-6)
+
+
+def test_the_scores_section_in_a_real_browser(demo):
+    """The report as a browser shows it (headless Chromium): the Scores cells render with text, no "None",
+    the reason banner sits right above them; a screenshot of the section is kept beside the report."""
+    import asyncio
+
+    from tests.comfyui.browser import chromium_binary, open_page
+
+    if chromium_binary() is None:
+        pytest.skip("no chromium: install Debian's chromium (CI does)")
+    pytest.importorskip("aiohttp")
+    out, _ = demo
+    shot = out / "scores-section.png"
+
+    async def body(page):
+        await page.wait_for("document.readyState === 'complete'")
+        found = await page.evaluate(
+            """(() => {
+                const h = [...document.querySelectorAll('h2')].find(e => e.textContent.startsWith('Scores'));
+                let banner = h.nextElementSibling, table = banner;
+                while (table && table.tagName !== 'TABLE') table = table.nextElementSibling;
+                h.scrollIntoView();
+                return {banner: banner.innerText, cells: [...table.querySelectorAll('td')].map(td => td.innerText),
+                        visible: table.getBoundingClientRect().height > 0};
+            })()"""
+        )
+        await page.screenshot(shot)
+        return found
+
+    found = asyncio.run(open_page((out / "report.html").as_uri(), body, viewport=(1280, 900)))
+    assert found["visible"] and found["banner"].startswith("Why the scores are empty here")
+    assert len(found["cells"]) == 6 and all(c.strip() for c in found["cells"])
+    assert not any("None" in c for c in found["cells"])
+    assert shot.stat().st_size > 10_000  # a real rendering, kept beside the report for a look

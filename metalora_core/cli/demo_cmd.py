@@ -10,6 +10,7 @@ import torch
 
 from ..demo.pipeline import REAL, TINY, DemoOptions, run_demo
 from ..training.precision import PRECISION_CHOICES
+from . import preflight
 
 
 def run(args) -> int:
@@ -26,16 +27,21 @@ def run(args) -> int:
     )  # fmt: skip
     result = run_demo(options)
     html_path, json_path = write_report(result, options.out, options.tiny)
+    wall = time.perf_counter() - started
     print(
         json.dumps(
             {
                 "report": str(html_path),
                 "json": str(json_path),
-                "wall_s": round(time.perf_counter() - started, 1),
+                "wall_s": round(wall, 1),
                 "cpu_s": round(time.process_time() - cpu, 1),
-                "methods": {k: round(v["last_quarter_loss"], 5) for k, v in result.methods.items()},
+                "last_quarter_loss": {k: round(v["last_quarter_loss"], 5) for k, v in result.methods.items()},
             }
-        )
+        ),
+        flush=True,
+    )
+    preflight.say(
+        f"metalora demo: done in {wall:.0f} s. Open {html_path} in a browser to see the report.", args.quiet
     )
     return 0
 
@@ -45,7 +51,7 @@ def register(sub) -> None:
         "demo",
         help="the whole job in one command: LoMD, personalize, generate, score, export, report.html",
         description="Runs every stage on tiny models built on the spot and a face photo insightface ships "
-        "(no downloads; a few minutes on 2 CPU cores) and writes report.html and report.json. Tiny random "
+        "(no downloads; under a minute on 2 CPU cores) and writes report.html and report.json. Tiny random "
         "models show the mechanics, not quality. Given real weights (--flux, --vae or a pipeline folder, "
         "--lomd, --image, --face-model) the same command runs the real pipeline.",
     )

@@ -40,7 +40,9 @@ def _random_adapter(args) -> int:
 
 def register(sub):
     """Add the ``dev`` group with this module's builders; returns the group's sub-parsers for others."""
-    dev = sub.add_parser("dev", help="build small test assets (tiny FLUX, random LoMD / adapter, ...)")
+    dev = sub.add_parser(
+        "dev", help="for tests and bug reports, not for use: builders of tiny random models and files"
+    )
     dsub = dev.add_subparsers(dest="dev_command", required=True, metavar="DEV_COMMAND")
 
     p = dsub.add_parser(

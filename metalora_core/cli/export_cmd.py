@@ -59,7 +59,10 @@ def run(args) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("export", help="export an identity as a standard (folded, exact) rank-r_d LoRA")
+    p = sub.add_parser(
+        "export",
+        help="export an identity as a standard LoRA (folded exactly; its rank is the LoMD's Down rank, 4 by default)",
+    )
     p.add_argument("--lomd", required=True, help="the LoMD file the identity was trained against")
     p.add_argument("--adapter", required=True, help="the identity adapter file")
     p.add_argument(

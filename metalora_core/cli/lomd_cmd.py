@@ -25,7 +25,18 @@ MODEL_HELP = (
 
 
 def model_dims(model: str) -> FluxDims:
-    """Sizes from a known model name or a checkpoint path."""
+    """Sizes from a checkpoint path or a known model name. A path that exists wins: ``--model flux`` beside
+    a folder ``flux/`` reads that folder (a stand-in FLUX of another width must not get FLUX.1's sizes),
+    and says so."""
+    if Path(model).exists():
+        if known_dims(model):
+            from . import preflight
+
+            preflight.say(
+                f"metalora lomd: --model {model}: reading the checkpoint '{model}' found here, not the FLUX.1 "
+                "preset of that name (for the preset, run from another folder or give --model FLUX.1-dev)"
+            )
+        return read_flux_dims(model)[0]
     return known_dims(model) or read_flux_dims(model)[0]
 
 

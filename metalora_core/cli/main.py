@@ -11,16 +11,19 @@ from ..errors import MetaLoRAError
 
 # Modules under metalora_core.cli that define ``register(subparsers)``; each adds its own sub-commands.
 # A module may also define ``register_dev(dev_subparsers)`` to add builders to the ``metalora dev`` group.
+# In the order of the work (``metalora --help`` lists them so): try it, make a LoMD, personalize, export,
+# score, inspect; then the larger jobs; the test-asset builders (``dev``) last.
 COMMAND_MODULES = (
     "demo_cmd",
-    "inspect_cmd",
-    "export_cmd",
-    "dev_cmd",
-    "score_cmd",
-    "personalize_cmd",
-    "meta_cmd",
     "lomd_cmd",
+    "encode_cmd",
+    "personalize_cmd",
+    "export_cmd",
+    "score_cmd",
+    "inspect_cmd",
+    "meta_cmd",
     "lora_cmd",
+    "dev_cmd",
 )
 EXIT_USER_ERROR = 2
 

@@ -34,7 +34,7 @@ from ..training.loss_plot import save_loss_curve
 from ..training.memory import activation_bytes, decide_checkpointing, layerwise_copy_bytes
 from ..training.personalize import PersonalizeConfig, personalize
 from ..training.precision import PRECISION_CHOICES, Precision, choose_precision
-from ..training.schedules import SCHEDULES, TrainingDiverged
+from ..training.schedules import SCHEDULES, TrainingDiverged, capped_warmup
 from ..training.standalone import find_parts, load_vae, vae_encoder
 
 # options whose argparse dest is a PersonalizeConfig field of the same name
@@ -146,12 +146,18 @@ def run(args) -> int:
             f"{args.flux}: no text encoders; pass --conditioning FILE.safetensors (tensors 'context' and "
             "'pooled') or a FLUX pipeline folder with text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/"
         )
-    photo = Image.fromarray(load_image(args.image))  # EXIF rotation applied, as everywhere else
+    try:
+        photo = Image.fromarray(load_image(args.image))  # EXIF rotation applied, as everywhere else
+    except MetaLoRAError as exc:
+        raise MetaLoRAError(f"--image {exc} (give a JPEG, PNG or WebP photo of the person)") from None
     bucket = photo_bucket(photo.width, photo.height, args.resolution)
     warning = preflight.photo_size(photo.size, bucket)
     if warning:
         preflight.say(f"metalora personalize: {warning}")
-    lomd = load_lomd(args.lomd)
+    try:
+        lomd = load_lomd(args.lomd)
+    except MetaLoRAError as exc:
+        raise MetaLoRAError(f"--lomd {exc}") from None
     face_box = _find_face(args, photo)
     face_weight = args.face_weight if args.face_weight is not None else (2.0 if face_box else 1.0)
     dev = device(args.device)
@@ -200,12 +206,16 @@ def run(args) -> int:
             "flux": Path(args.flux).name,
         },
     )
+    _, warmup_note = capped_warmup(config.steps, config.warmup_steps)
+    if warmup_note:
+        say(warmup_note)
     say(f"training {config.steps} steps at {bucket[0]}x{bucket[1]} px")
     bar = ProgressBar(config.steps, args.quiet)
     try:
         result = personalize(backend, lomd, latents, cond, config, on_progress=bar, weights=weights)
         for note in result.notes:
-            say(note)
+            if note != warmup_note:  # (said before training)
+                say(note)
     except TrainingDiverged as exc:
         if exc.result is not None and exc.result.steps_done:
             last, adapter = out.with_suffix(".last_finite.safetensors"), exc.result.adapter
@@ -325,7 +335,10 @@ def register(sub) -> None:
     )
     p.add_argument("--vae", help="diffusers AutoencoderKL folder (default: the pipeline's vae/)")
     p.add_argument(
-        "--conditioning", help="precomputed text features: 'context' (tokens, ctx) and 'pooled' (vec,)"
+        "--conditioning",
+        help="precomputed text features ('context' (tokens, ctx), 'pooled' (vec,)), needed when --flux is a "
+        "transformer file without text encoders: make them with `metalora encode-caption --text-encoders "
+        "FLUX.1-dev/ --out cond.safetensors` (same --trigger/--class/--caption)",
     )
     p.add_argument("--steps", type=int, default=375, help="optimizer steps (default 375, the paper's)")
     p.add_argument(

@@ -374,10 +374,17 @@ def _score(opt, kit: dict, photo: Path, out: Path, run: DemoRun, stages: Stages)
         stages.note(f"not scored: {exc}")
         return
     run.scores = json.loads((out / "score.json").read_text())
-    stages.note(
-        f"R-FaceSim {run.scores.get('score')}, faces found in {run.scores.get('total', 0) - run.scores.get('no_face', 0)}"
-        f" of {run.scores.get('total')} images"
-    )
+    score, total = run.scores.get("score"), run.scores.get("total", 0)
+    found = total - run.scores.get("no_face", 0)
+    if score is not None:
+        stages.note(f"R-FaceSim {score:.4f} ({found} of {total} generated images have a face)")
+    elif opt.tiny:
+        stages.note(
+            f"no R-FaceSim: no face in the {total} generated images (tiny face models find only a drawn "
+            "marker; with --face-model antelopev2 and real weights this is the identity score)"
+        )
+    else:
+        stages.note(f"no R-FaceSim: none of the {total} generated images has a detectable face")
 
 
 def _export(opt, kit: dict, out: Path, run: DemoRun) -> None:

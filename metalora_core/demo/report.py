@@ -33,7 +33,7 @@ def moving_average(values: list[float], window: int) -> list[float]:
 
 def loss_svg(curves: dict[str, list[float]], width: int = 720, height: int = 300) -> str:
     """Raw losses faint, moving averages bold, one colour per method, shared axes."""
-    pad_l, pad_r, pad_t, pad_b = 56, 12, 12, 36
+    pad_l, pad_r, pad_t, pad_b = 70, 12, 12, 36
     values = [v for c in curves.values() for v in c]
     if not values:
         return ""
@@ -54,6 +54,11 @@ def loss_svg(curves: dict[str, list[float]], width: int = 720, height: int = 300
         v = lo + (hi - lo) * frac
         y = pad_t + (height - pad_t - pad_b) * (1 - frac)
         parts.append(f'<text x="{pad_l - 6}" y="{y + 4:.1f}" font-size="11" text-anchor="end">{v:.3f}</text>')
+    mid_y = pad_t + (height - pad_t - pad_b) / 2
+    parts.append(
+        f'<text x="14" y="{mid_y:.1f}" font-size="12" text-anchor="middle" '
+        f'transform="rotate(-90 14 {mid_y:.1f})">training loss (flow matching)</text>'
+    )
     parts.append(f'<text x="{pad_l}" y="{height - 10}" font-size="11">step 1</text>')
     parts.append(
         f'<text x="{width - pad_r}" y="{height - 10}" font-size="11" text-anchor="end">step {steps}</text>'
@@ -99,6 +104,48 @@ def _fmt(value: object) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     return "" if value is None else str(value)
+
+
+TINY_FACES = (
+    "Why the scores are empty here: the tiny face models are random networks built to find one drawn marker, "
+    "not faces, so they find no face in the generated images (noise-like on tiny FLUX) nor in the photo of "
+    "a real face. Nothing failed: with a real face model (--face-model antelopev2) these cells hold the "
+    "identity score against the person's other photos."
+)
+
+
+def scores_section(sc: dict, tiny: bool) -> list[str]:
+    """The Scores section: every cell holds a value or the reason it has none, at the place it is empty."""
+    if "skipped" in sc:
+        return [f"<p>{html.escape(sc['skipped'])}</p>"]
+    total, no_face = sc.get("total", 0), sc.get("no_face", 0)
+    none_found = f"not computed: none of the {total} generated images has a detectable face"
+    score = sc.get("score")
+    percent = sc.get("percent")
+    row = [
+        f"{score:.4f}" if score is not None else none_found,
+        f"{percent:.1f} % (threshold {sc.get('threshold')})"
+        if percent is not None
+        else "not computed: no R-FaceSim",
+        sc.get("verdict") or "-",
+        f"{no_face} of {total}",
+        f"{len(sc.get('references_used', []))} ({', '.join(sc.get('references_used', [])) or 'none'})",
+        sc.get("model") or "-",
+    ]
+    parts = []
+    if tiny and score is None:
+        parts.append(f"<p class='banner'>{html.escape(TINY_FACES)}</p>")
+    parts.append(
+        _table(
+            ["R-FaceSim", "percent", "verdict", "images without a face", "references used", "face model"],
+            [row],
+        )
+    )
+    for warning in sc.get("warnings", []):
+        if tiny and "no detectable face" in warning:
+            warning += " (tiny face models find only a drawn marker, never a real face: see above)"
+        parts.append(f"<p>{html.escape(warning)}</p>")
+    return parts
 
 
 def render_html(run: DemoRun, out: Path, tiny: bool) -> str:
@@ -155,19 +202,7 @@ def render_html(run: DemoRun, out: Path, tiny: bool) -> str:
         "(0 to 1) from the base image of the same seed.</p>"
     )
     s.append("<h2>Scores (R-FaceSim)</h2>")
-    sc = run.scores
-    if "skipped" in sc:
-        s.append(f"<p>{html.escape(sc['skipped'])}</p>")
-    else:
-        s.append(
-            _table(
-                ["R-FaceSim", "percent", "verdict", "images without a face", "references used", "model"],
-                [[sc.get("score"), sc.get("percent"), sc.get("verdict"), f"{sc.get('no_face')} of {sc.get('total')}",
-                  len(sc.get("references_used", [])), sc.get("model")]],
-            )
-        )  # fmt: skip
-        for warning in sc.get("warnings", []):
-            s.append(f"<p>{html.escape(warning)}</p>")
+    s.extend(scores_section(run.scores, tiny))
     s.append("<h2>Export</h2>")
     ex = run.export
     s.append(

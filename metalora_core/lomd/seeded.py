@@ -21,7 +21,15 @@ from ..targets import DEFAULT_PRESET, FluxDims, resolve_targets
 # FLUX.1 [dev] / [schnell] sizes, so a seeded LoMD needs no 24 GB checkpoint on disk (`--model FLUX`).
 # hidden, mlp_hidden, double blocks, single blocks, latent channels, T5 width, CLIP width, guidance, out
 FLUX1_DIMS = FluxDims(3072, 12288, 19, 38, 16, 4096, 768, True, 16)
-KNOWN_MODELS = {"flux": FLUX1_DIMS, "flux1": FLUX1_DIMS, "flux1-dev": FLUX1_DIMS, "flux1-schnell": FLUX1_DIMS}
+KNOWN_MODELS = {
+    "flux": FLUX1_DIMS,
+    "flux1": FLUX1_DIMS,
+    "flux.1": FLUX1_DIMS,
+    "flux1-dev": FLUX1_DIMS,
+    "flux.1-dev": FLUX1_DIMS,
+    "flux1-schnell": FLUX1_DIMS,
+    "flux.1-schnell": FLUX1_DIMS,
+}
 
 
 def known_dims(name: str) -> FluxDims | None:

@@ -34,7 +34,7 @@ from ..training.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from ..training.loop import LoopSettings
 from ..training.objective import flow_loss, sample_timesteps
 from ..training.protocol import FluxBackend, Progress
-from ..training.schedules import TrainingDiverged, make_adamw, make_scheduler, param_groups
+from ..training.schedules import TrainingDiverged, capped_warmup, make_adamw, make_scheduler, param_groups
 from .bank import BankLayout, HeadBank
 from .dataset import IdentitySet
 from .distributed import DistContext, all_reduce_grads, all_reduce_sum, gather_to_main
@@ -150,7 +150,7 @@ class MetaTrainer:
             self.optimizer,
             config.steps,
             config.schedule,
-            config.warmup_steps,
+            capped_warmup(config.steps, config.warmup_steps)[0],
             config.cycles,
             config.min_lr_ratio,
         )

@@ -23,7 +23,7 @@ from ..errors import MetaLoRAError
 from .checkpoint import TrainState, load_checkpoint, save_checkpoint
 from .draws import StepDraws
 from .protocol import FluxBackend, Progress, TextConditioning, TrainingCancelled
-from .schedules import TrainingDiverged, make_adamw, make_scheduler, param_groups
+from .schedules import TrainingDiverged, capped_warmup, make_adamw, make_scheduler, param_groups
 from .step import CapturedStep, StepLog, TrainStep
 
 
@@ -113,11 +113,12 @@ def run_loop(
     named = list(params.items())
     groups = param_groups(named, settings.lr, settings.lr_by_suffix, settings.weight_decay)
     optimizer = make_adamw(groups, fused=True)
+    warmup, warmup_note = capped_warmup(settings.steps, settings.warmup_steps)
     scheduler = make_scheduler(
         optimizer,
         settings.steps,
         settings.schedule,
-        settings.warmup_steps,
+        warmup,
         settings.cycles,
         settings.min_lr_ratio,
     )
@@ -153,9 +154,8 @@ def run_loop(
     begun = time.perf_counter()
 
     def outcome(done: int) -> LoopOutcome:
-        return LoopOutcome(
-            list(losses), list(lrs[: len(losses)]), done, time.perf_counter() - begun, _notes(run_step)
-        )
+        notes = ([warmup_note] if warmup_note else []) + _notes(run_step)
+        return LoopOutcome(list(losses), list(lrs[: len(losses)]), done, time.perf_counter() - begun, notes)
 
     def absorb(entries: list[tuple[int, float, float]]) -> None:
         """Host side of finished steps: the non-finite guard, the loss list, progress."""

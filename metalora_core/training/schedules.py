@@ -43,6 +43,19 @@ def lr_multiplier(
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * phase))
 
 
+def capped_warmup(steps: int, warmup: int) -> tuple[int, str | None]:
+    """The warm-up a run of ``steps`` can have: at most ``steps - 1``, so the last step trains at the set
+    learning rate (a 20-step warm-up in a 10-step run would never reach it). Returns it and, when capped,
+    a note saying so."""
+    if steps < 1 or warmup < steps:
+        return warmup, None
+    capped = steps - 1
+    return capped, (
+        f"warm-up capped at {capped} steps (asked {warmup}) so that the last of the {steps} steps trains at the "
+        "set learning rate"
+    )
+
+
 def make_scheduler(
     optimizer: torch.optim.Optimizer,
     total: int,
@@ -116,6 +129,7 @@ class TrainingDiverged(MetaLoRAError):
 __all__ = [
     "SCHEDULES",
     "TrainingDiverged",
+    "capped_warmup",
     "lr_multiplier",
     "make_adamw",
     "make_scheduler",
