@@ -22,9 +22,8 @@ bench/prior.py's tiny FLUX, generator and Down sources (nothing is drawn a secon
   and seeds: meta-trained, distilled and seeded Downs; diagnostics: the oracle Down (``V_l``) and plain
   peft LoRAs of rank 16 and 4.
 * Scores (each normalised by the untouched base model's loss on the same target, so 1 = nothing learned):
-  ``fit``, on the training photo; ``other``, on the same person's OTHER photos: the R-FaceSim analogue,
-  the number that matters (on the same draws as ``fit``, so the two differ by the photo alone: at nuisance 0
-  they are equal); ``identity``, against the identity-only teacher
+  ``fit``, on the training photo and its draws; ``other``, on the same person's OTHER photos, on other
+  draws: the R-FaceSim analogue (new generations against other photos), the number that matters; ``identity``, against the identity-only teacher
   ``base + dW_j``; ``gap`` = other - fit. At k/4, k/2 and k steps; the LoRA also early-stopped (its best
   step on ``other``, evaluated every ``--eval-every`` steps), and the steps each method needs to reach that
   best.
@@ -68,10 +67,12 @@ METHODS = ("meta", "distilled", "seeded", "oracle", "lora", "lora_r4")
 
 def held_out_scores(P, backend, family, j: int, downs: dict, args) -> dict[str, dict]:
     """Personalize every method on photo (j, 0); score fit, other photos and identity along the way."""
-    draws, seed = args.draws, 20_000 + j  # one person, one set of draws: photos differ by the photo only
-    photo = P.Task(backend, family.photo(j, 0), seed, draws)
-    others = [P.Task(backend, family.photo(j, p), seed, draws) for p in range(1, args.photos)]
-    identity = P.Task(backend, family.teacher(j), seed, draws)
+    # The photo trains on its --draws; the person's other photos and the identity are scored on other draws
+    # (--eval-draws, one set per person): as R-FaceSim scores new generations against other photos.
+    photo = P.Task(backend, family.photo(j, 0), 20_000 + j, args.draws)
+    seed, n = 50_000 + j, args.eval_draws
+    others = [P.Task(backend, family.photo(j, p), seed, n) for p in range(1, args.photos)]
+    identity = P.Task(backend, family.teacher(j), seed, n)
     marks = sorted({args.k // 4, args.k // 2, args.k, *range(0, args.k + 1, args.eval_every)})
     out = {}
     for name in METHODS:
@@ -188,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=int, default=100, help="personalization steps from the one photo")
     p.add_argument("--eval-every", type=int, default=10, help="steps between held-out evaluations")
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--draws", type=int, default=4, help="fixed draws per photo")
+    p.add_argument("--draws", type=int, default=6, help="fixed draws (latent, time, text) a photo trains on")
+    p.add_argument("--eval-draws", type=int, default=4, help="other draws the scores are taken on")
     p.add_argument("--family-dim", type=int, default=8)
     p.add_argument("--true-rank", type=int, default=4)
     p.add_argument(
@@ -201,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.train_ids, args.heldout, args.meta_steps, args.lora_steps, args.k = 3, 1, 6, 4, 8
-        args.photos, args.eval_every, args.nuisance = 3, 4, "0,1"
+        args.photos, args.eval_every, args.nuisance, args.draws, args.eval_draws = 3, 4, "0,1", 2, 2
     levels = [float(x) for x in args.nuisance.split(",")]
     begun = time.perf_counter()
     if args.workers > 1 and len(levels) > 1:

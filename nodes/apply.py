@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from .model_shapes import model_target_shapes
-from .patch_plan import check_fits, patch_tensors
+from .comfy_model.model_shapes import model_target_shapes
+from .comfy_model.patch_plan import check_fits, patch_tensors
+from .comfy_model.weight_adapter import MetaLoRAWeightAdapter
 from .types import CATEGORY, IdentityType, LoMDType, strength_input
-from .weight_adapter import MetaLoRAWeightAdapter
 
 
 def apply_identity(model, lomd, identity, strength: float, force: bool = False):

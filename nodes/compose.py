@@ -8,7 +8,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..metalora_core.errors import MetaLoRAError
-from .compose_model import AdapterSpec, compose
+from .comfy_model.compose_model import AdapterSpec, compose
 from .types import CATEGORY, AdaptersType, IdentityType, LoMDType
 
 _GROUP = f"{CATEGORY}/compose"

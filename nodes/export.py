@@ -6,8 +6,8 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..metalora_core.formats import check_pair, export_lora
+from .comfy_folders.model_folders import loras_dir
 from .files import target_path
-from .model_folders import loras_dir
 from .types import CATEGORY, IdentityType, LoMDType, strength_input
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

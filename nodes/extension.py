@@ -5,13 +5,13 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 
 from .apply import MetaLoRAApply
+from .comfy_folders.model_folders import register_model_folders
 from .compose import NODES as COMPOSE_NODES
 from .export import MetaLoRAExportLoRA
 from .faces import MetaLoRAFaceCrop, MetaLoRAFaceSimilarity
 from .files import MetaLoRALoadIdentity, MetaLoRALoadLoMD, MetaLoRASaveIdentity
 from .lomd_sources import MetaLoRADistillLoMD, MetaLoRASeededLoMD
 from .lora_tools import NODES as LORA_TOOL_NODES
-from .model_folders import register_model_folders
 from .train_identity import MetaLoRATrainIdentity
 
 NODES: list[type[io.ComfyNode]] = [

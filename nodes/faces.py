@@ -11,7 +11,7 @@ from comfy_api.latest import io
 
 from ..metalora_core.errors import MetaLoRAError
 from ..metalora_core.faces import NO_FACE_MODES, FaceAnalyzer, crop_batch, load_analyzer, r_facesim
-from .model_folders import face_model_root, face_models
+from .comfy_folders.model_folders import face_model_root, face_models
 from .types import CATEGORY
 
 _LOCK = threading.Lock()

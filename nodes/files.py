@@ -11,7 +11,7 @@ from comfy_api.latest import io, ui
 
 from ..metalora_core.errors import MetaLoRAError
 from ..metalora_core.formats import load_identity, load_lomd, save_identity
-from .model_folders import identity_files, lomd_files, metalora_dir, metalora_path
+from .comfy_folders.model_folders import identity_files, lomd_files, metalora_dir, metalora_path
 from .types import CATEGORY, IdentityType, LoMDType
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.\-/]*$")

@@ -19,11 +19,11 @@ from ..metalora_core.formats import save_lomd
 from ..metalora_core.lomd.distill import DistillCancelled, DistillConfig, distill_lomd
 from ..metalora_core.lomd.seeded import seeded_lomd_for_shapes
 from ..metalora_core.targets import DEFAULT_PRESET, PRESET_HELP, FluxDims, resolve_targets
+from .comfy_folders.lora_selection import ALL, select_loras, subfolders
+from .comfy_folders.model_folders import metalora_dir
+from .comfy_model.model_shapes import model_target_shapes
 from .comfy_training.backend import check_flux1, flux_dims
 from .files import target_path
-from .lora_selection import ALL, select_loras, subfolders
-from .model_folders import metalora_dir
-from .model_shapes import model_target_shapes
 from .types import CATEGORY, LoMDType, fixed_seed_input
 
 TARGETS_TOOLTIP = "Layers the LoMD covers (Train and Apply use exactly these). " + "; ".join(

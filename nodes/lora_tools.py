@@ -14,9 +14,9 @@ from comfy_api.latest import io, ui
 from ..metalora_core.errors import MetaLoRAError
 from ..metalora_core.loras import tools
 from ..metalora_core.targets import PRESET_HELP, PRESETS
+from .comfy_folders.model_folders import loras_dir
 from .export import DTYPES, lora_file_inputs
 from .files import target_path
-from .model_folders import loras_dir
 from .types import CATEGORY
 
 _GROUP = f"{CATEGORY}/lora tools"

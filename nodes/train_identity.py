@@ -22,6 +22,7 @@ from ..metalora_core.training.memory import activation_bytes
 from ..metalora_core.training.personalize import PersonalizeConfig, personalize
 from ..metalora_core.training.protocol import Progress, TrainingCancelled
 from ..metalora_core.training.schedules import SCHEDULES, capped_warmup
+from .comfy_folders.model_folders import face_models
 from .comfy_training.backend import ComfyFluxBackend
 from .comfy_training.glue import (
     PROGRESS_EVENT,
@@ -32,7 +33,6 @@ from .comfy_training.glue import (
     training_views,
 )
 from .faces import analyzer_for
-from .model_folders import face_models
 from .types import CATEGORY, IdentityType, LoMDType, fixed_seed_input
 
 LOG = logging.getLogger("metalora")

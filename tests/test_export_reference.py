@@ -65,7 +65,7 @@ def test_kohya_export_read_by_diffusers_kohya_converter_equals_our_adapter(asset
 def test_patch_tensors_carry_the_adapter_scale_into_comfyuis_weight_patch(pair, assets):
     """MetaLoRAApply's per-weight tuples, applied the way ComfyUI's weight adapter does (patch_math), give
     ``W + strength * scale * Up @ Mid @ Down`` for every target (float64)."""
-    plan, pm = pack_module("patch_plan"), pack_module("patch_math")
+    plan, pm = pack_module("comfy_model.patch_plan"), pack_module("comfy_model.patch_math")
     lomd, adapter = pair
     patches = plan.patch_tensors(lomd, adapter)
     assert set(patches) == {f"diffusion_model.{n}.weight" for n in adapter.targets}

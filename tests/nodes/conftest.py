@@ -26,7 +26,7 @@ def import_pack():
 
 @pytest.fixture(scope="session")
 def pack():
-    """The pack's root module; ``pack_module("nodes.patch_math")`` imports a submodule relative to it."""
+    """The pack's root module; ``pack_module("nodes.comfy_model.patch_math")`` imports a submodule relative to it."""
     return import_pack()
 
 

@@ -10,7 +10,7 @@ NAMES = ["a.safetensors", "people/anna.safetensors", "people/bob.safetensors", "
 
 @pytest.fixture
 def sel(pack_module):
-    return pack_module("nodes.lora_selection")
+    return pack_module("nodes.comfy_folders.lora_selection")
 
 
 def test_folders_offered(sel):

@@ -19,7 +19,7 @@ class _Patcher:
 
 
 def test_gguf_tensor_shape_wins_over_the_packed_bytes(pack_module):
-    shapes = pack_module("nodes.model_shapes")
+    shapes = pack_module("nodes.comfy_model.model_shapes")
     q8 = torch.zeros(384, 136, dtype=torch.uint8)  # Q8_0 bytes of a (384, 128) weight: 34 bytes per 32 values
     q8.tensor_shape = torch.Size([384, 128])
     plain = torch.zeros(128, 128)

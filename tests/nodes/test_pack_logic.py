@@ -57,7 +57,7 @@ def test_entry_point_imports_without_comfy(tmp_path):
 
 @pytest.mark.parametrize("strength", [1.0, -0.7, 2.5])
 def test_patch_equals_reference_delta_in_float64(pack_module, strength):
-    pm = pack_module("nodes.patch_math")
+    pm = pack_module("nodes.comfy_model.patch_math")
     weight, down, mid, up = _factors()
     scale = 0.5
     # independent of delta_weight (which the patch math now calls): a plain float64 chain product
@@ -67,7 +67,7 @@ def test_patch_equals_reference_delta_in_float64(pack_module, strength):
 
 
 def test_patch_is_in_place_applies_function_and_zero_is_a_no_op(pack_module):
-    pm = pack_module("nodes.patch_math")
+    pm = pack_module("nodes.comfy_model.patch_math")
     weight, down, mid, up = _factors(1)
     w = weight.clone()
     out = pm.add_identity_delta(w, down, mid, up, 1.0, lambda t: 2 * t, torch.float64)
@@ -77,7 +77,7 @@ def test_patch_is_in_place_applies_function_and_zero_is_a_no_op(pack_module):
 
 
 def test_patch_in_low_precision_storage_uses_the_intermediate_dtype(pack_module):
-    pm = pack_module("nodes.patch_math")
+    pm = pack_module("nodes.comfy_model.patch_math")
     weight, down, mid, up = _factors(2)
     bf16 = weight.to(torch.bfloat16)
     got = pm.add_identity_delta(bf16.clone(), down.float(), mid.float(), up.float(), 0.3, None, torch.float32)
@@ -87,14 +87,14 @@ def test_patch_in_low_precision_storage_uses_the_intermediate_dtype(pack_module)
 
 
 def test_patch_shape_mismatch_raises(pack_module):
-    pm = pack_module("nodes.patch_math")
+    pm = pack_module("nodes.comfy_model.patch_math")
     weight, down, mid, up = _factors()
     with pytest.raises(ValueError, match="does not match"):
         pm.add_identity_delta(weight[:, :8].clone(), down, mid, up, 1.0)
 
 
 def test_bypass_output_equals_dense_delta(pack_module):
-    pm = pack_module("nodes.patch_math")
+    pm = pack_module("nodes.comfy_model.patch_math")
     _, down, mid, up = _factors(3)
     x = torch.randn(5, 16, dtype=torch.float64)
     got = pm.bypass_output(x, down, mid, up, -1.3)
@@ -102,7 +102,7 @@ def test_bypass_output_equals_dense_delta(pack_module):
 
 
 def test_fit_checks_name_layer_and_shapes(pack_module, assets):
-    plan = pack_module("nodes.patch_plan")
+    plan = pack_module("nodes.comfy_model.patch_plan")
     formats = pack_module("metalora_core.formats")
     errors = pack_module("metalora_core.errors")
     lomd, adapter = formats.load_lomd(assets["lomd"]), formats.load_identity(assets["adapter"])

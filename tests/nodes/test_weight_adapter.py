@@ -1,7 +1,7 @@
 """The ComfyUI-side math without ComfyUI: the Meta-LoRA weight adapter (patch and bypass paths) and the
 out-of-place modulation of the training blocks, each against a float64 reference.
 
-``nodes/weight_adapter.py`` needs only two things from ComfyUI: ``WeightAdapterBase`` (a base class with a
+``nodes/comfy_model/weight_adapter.py`` needs only two things from ComfyUI: ``WeightAdapterBase`` (a base class with a
 ``multiplier``) and ``model_management.cast_to_device``. Where ComfyUI is not importable, a stand-in with
 exactly that interface is put in ``sys.modules`` for the import and removed afterwards; with ComfyUI on the
 path the real modules are used. tests/comfyui runs the same adapter inside a real ComfyUI.
@@ -41,7 +41,7 @@ def _stand_in_comfy() -> dict[str, types.ModuleType]:
 
 @pytest.fixture
 def adapter_cls(pack, monkeypatch):
-    name = f"{PACK}.nodes.weight_adapter"
+    name = f"{PACK}.nodes.comfy_model.weight_adapter"
     stand_in = importlib.util.find_spec("comfy") is None
     if stand_in:
         for key, module in _stand_in_comfy().items():

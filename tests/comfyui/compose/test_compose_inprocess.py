@@ -20,7 +20,7 @@ TOL = dict(atol=1e-5, rtol=1e-6)  # float64 model; ComfyUI returns samples in fl
 
 @pytest.fixture(scope="module")
 def cm(comfy, pack):
-    return pack("compose_model")
+    return pack("comfy_model.compose_model")
 
 
 @pytest.fixture(scope="module")

@@ -54,7 +54,7 @@ def server(monkeypatch, comfy):
 
 @pytest.fixture(scope="module")
 def node(comfy, pack):
-    pack("model_folders").register_model_folders()  # as the pack's entry point does on start-up
+    pack("comfy_folders.model_folders").register_model_folders()  # as the pack's entry point does on start-up
     return pack("train_identity").MetaLoRATrainIdentity
 
 

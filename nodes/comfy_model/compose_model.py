@@ -18,9 +18,9 @@ import comfy.utils
 from comfy import model_management
 from comfy.patcher_extension import WrappersMP
 
-from ..metalora_core.compose import Composition, combine, plan, step_index
-from ..metalora_core.errors import MetaLoRAError
-from ..metalora_core.formats import IdentityAdapter, LoMD
+from ...metalora_core.compose import Composition, combine, plan, step_index
+from ...metalora_core.errors import MetaLoRAError
+from ...metalora_core.formats import IdentityAdapter, LoMD
 from .compose_bypass import PassState, bypass_injection
 from .model_shapes import model_target_shapes
 from .patch_plan import check_fits, patch_tensors

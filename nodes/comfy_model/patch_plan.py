@@ -10,7 +10,7 @@ from collections.abc import Mapping
 
 import torch
 
-from ..metalora_core.formats import IdentityAdapter, LoMD, check_identity_fits, check_lomd_fits, check_pair
+from ...metalora_core.formats import IdentityAdapter, LoMD, check_identity_fits, check_lomd_fits, check_pair
 
 PREFIX = "diffusion_model."
 

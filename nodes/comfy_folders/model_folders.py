@@ -13,9 +13,9 @@ from pathlib import Path
 
 import folder_paths
 
-from ..metalora_core.errors import MetaLoRAError
-from ..metalora_core.formats import FORMAT_IDENTITY
-from ..metalora_core.safeio import read_metadata
+from ...metalora_core.errors import MetaLoRAError
+from ...metalora_core.formats import FORMAT_IDENTITY
+from ...metalora_core.safeio import read_metadata
 
 METALORA = "metalora"
 INSIGHTFACE = "insightface"

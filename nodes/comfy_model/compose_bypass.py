@@ -19,7 +19,7 @@ from comfy import model_management
 from comfy.patcher_extension import PatcherInjection
 from comfy.weight_adapter import WeightAdapterBase
 
-from ..metalora_core.errors import MetaLoRAError
+from ...metalora_core.errors import MetaLoRAError
 
 Offset = tuple[int, int, int] | None  # ComfyUI's (dim, start, size) row slice of a fused weight
 

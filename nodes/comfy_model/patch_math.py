@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..metalora_core.adapter import delta_weight
+from ...metalora_core.adapter import delta_weight
 
 Cast = Callable[[torch.Tensor, torch.device, torch.dtype], torch.Tensor]
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from fnmatch import fnmatchcase
 
-from ..metalora_core.errors import MetaLoRAError
+from ...metalora_core.errors import MetaLoRAError
 
 ALL = "(all LoRAs)"
 
