@@ -18,11 +18,13 @@ bench/prior.py's tiny FLUX, generator and Down sources (nothing is drawn a secon
 * Stage 1 sees several photos (``--photos``) per training identity, as the paper's does: meta-training
   takes one photo per identity per step through that identity's head; the LoRAs that distillation reads
   are trained on all of their person's photos, as users' person LoRAs are.
-* Personalization uses ONE photo (j, 0) of each held-out identity; every method gets the same draws, steps
-  and seeds: meta-trained, distilled and seeded Downs; diagnostics: the oracle Down (``V_l``) and plain
+* Personalization uses ONE photo (j, 0) of each held-out identity: each step takes the next ``--batch``
+  draws (latent, time, text) of a pool of ``--draws``, as the real trainer draws new noise and times of its
+  one photo every step (a handful of fixed draws would be memorised, and every method then scored worse
+  than doing nothing on fresh draws). Every method gets the same draws, steps and seeds: meta-trained, distilled and seeded Downs; diagnostics: the oracle Down (``V_l``) and plain
   peft LoRAs of rank 16 and 4.
 * Scores (each normalised by the untouched base model's loss on the same target, so 1 = nothing learned):
-  ``fit``, on the training photo and its draws; ``other``, on the same person's OTHER photos, on other
+  ``fit``, on the training photo and the draws of the step; ``other``, on the same person's OTHER photos, on other
   draws: the R-FaceSim analogue (new generations against other photos), the number that matters; ``identity``, against the identity-only teacher
   ``base + dW_j``; ``gap`` = other - fit. At k/4, k/2 and k steps; the LoRA also early-stopped (its best
   step on ``other``, evaluated every ``--eval-every`` steps), and the steps each method needs to reach that
@@ -69,7 +71,7 @@ def held_out_scores(P, backend, family, j: int, downs: dict, args) -> dict[str, 
     """Personalize every method on photo (j, 0); score fit, other photos and identity along the way."""
     # The photo trains on its --draws; the person's other photos and the identity are scored on other draws
     # (--eval-draws, one set per person): as R-FaceSim scores new generations against other photos.
-    photo = P.Task(backend, family.photo(j, 0), 20_000 + j, args.draws)
+    photo = P.Task(backend, family.photo(j, 0), 20_000 + j, args.draws, args.batch)
     seed, n = 50_000 + j, args.eval_draws
     others = [P.Task(backend, family.photo(j, p), seed, n) for p in range(1, args.photos)]
     identity = P.Task(backend, family.teacher(j), seed, n)
@@ -105,7 +107,10 @@ def run_level(nuisance: float, args) -> dict:
         backend = P.DiffusersFluxBackend.from_path(flux)
         family = P.Family(backend, args)
         train = [
-            [P.Task(backend, family.photo(j, p), 10_000 + 97 * j + p, args.draws) for p in range(args.photos)]
+            [
+                P.Task(backend, family.photo(j, p), 10_000 + 97 * j + p, args.draws, args.batch)
+                for p in range(args.photos)
+            ]
             for j in range(args.train_ids)
         ]
         meta = P.meta_train(backend, train, args)
@@ -189,8 +194,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=int, default=100, help="personalization steps from the one photo")
     p.add_argument("--eval-every", type=int, default=10, help="steps between held-out evaluations")
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--draws", type=int, default=6, help="fixed draws (latent, time, text) a photo trains on")
-    p.add_argument("--eval-draws", type=int, default=4, help="other draws the scores are taken on")
+    p.add_argument(
+        "--draws", type=int, default=48, help="pool of draws (latent, time, text) a photo trains on"
+    )
+    p.add_argument(
+        "--batch", type=int, default=4, help="draws per training step, taken from the pool in turn"
+    )
+    p.add_argument("--eval-draws", type=int, default=8, help="other draws the scores are taken on")
     p.add_argument("--family-dim", type=int, default=8)
     p.add_argument("--true-rank", type=int, default=4)
     p.add_argument(
@@ -203,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.train_ids, args.heldout, args.meta_steps, args.lora_steps, args.k = 3, 1, 6, 4, 8
-        args.photos, args.eval_every, args.nuisance, args.draws, args.eval_draws = 3, 4, "0,1", 2, 2
+        args.photos, args.eval_every, args.nuisance = 3, 4, "0,1"
+        args.draws, args.batch, args.eval_draws = 4, 2, 2
     levels = [float(x) for x in args.nuisance.split(",")]
     begun = time.perf_counter()
     if args.workers > 1 and len(levels) > 1:

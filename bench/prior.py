@@ -166,9 +166,15 @@ class Task:
     against that teacher (the normaliser: 1.0 = nothing learned)."""
 
     def __init__(
-        self, backend: DiffusersFluxBackend, teacher: nn.ModuleDict, draw_seed: int, draws: int
+        self,
+        backend: DiffusersFluxBackend,
+        teacher: nn.ModuleDict,
+        draw_seed: int,
+        draws: int,
+        batch: int | None = None,
     ) -> None:
         g = torch.Generator().manual_seed(draw_seed)
+        self.batch, self.calls = batch, 0  # batch: each loss() takes the next ``batch`` draws of the pool
         dims = backend.dims
         self.backend = backend
         self.x = torch.randn(draws, dims.in_channels, 16, 16, generator=g)
@@ -181,11 +187,16 @@ class Task:
                 self.target = self.velocity()
             self.base = float((self.velocity() - self.target).pow(2).mean())
 
-    def velocity(self) -> torch.Tensor:
-        return self.backend.velocity(self.x, self.t, self.cond, 1.0)
+    def velocity(self, rows: slice = slice(None)) -> torch.Tensor:
+        return self.backend.velocity(self.x[rows], self.t[rows], self.cond, 1.0)
 
     def loss(self) -> torch.Tensor:
-        return (self.velocity() - self.target).pow(2).mean() / self.base
+        """Normalised loss on all draws, or (with ``batch``) on the next window of the pool, in turn."""
+        rows = slice(None)
+        if self.batch:
+            start = (self.calls * self.batch) % self.x.shape[0]
+            rows, self.calls = slice(start, start + self.batch), self.calls + 1
+        return (self.velocity(rows) - self.target[rows]).pow(2).mean() / self.base
 
 
 def fit(task: Task | list[Task], params, steps: int, lr: float, probe=None) -> list[float]:
