@@ -8,20 +8,15 @@ energy; the true identity change scores 0 against the identity-only teacher and 
 from __future__ import annotations
 
 import argparse
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
+from tests.benches import load_bench
 
 
 def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_bench_test", BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench(name, f"{name}_bench_test")
 
 
 @pytest.fixture(scope="module")

@@ -3,20 +3,15 @@ the variants it times compute what they claim (the dense-delta variant equals th
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
+
+from tests.benches import load_bench
 
 
 @pytest.fixture(scope="module")
 def bench():
-    path = Path(__file__).resolve().parents[2] / "bench" / "train_step.py"
-    spec = importlib.util.spec_from_file_location("train_step_bench", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("train_step", "train_step_bench")
 
 
 def test_bench_runs_tiny(bench, capsys):

@@ -64,6 +64,20 @@ def _choose(monkeypatch, comfy, attn, name: str, free_bytes) -> None:
     monkeypatch.setattr(comfy.model_management, "get_free_memory", get_free_memory)
 
 
+def _sampling_forward(model) -> None:
+    """One forward of the loaded FLUX as a sampler makes it: no gradients, the MODEL's own options."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        model.model.diffusion_model(
+            torch.randn(1, 16, 16, 8, generator=g),
+            torch.tensor([0.5]),
+            context=torch.randn(1, 32, 64, generator=g),
+            y=torch.randn(1, 32, generator=g),
+            guidance=torch.tensor([3.5]),
+            transformer_options=dict(model.model_options.get("transformer_options", {})),
+        )
+
+
 @pytest.fixture(scope="module")
 def reference(pack, load, tiny_bfl, lomd):
     return _train(pack, load(tiny_bfl, torch.float32), lomd, checkpointing=True)
@@ -101,16 +115,7 @@ def test_sampling_keeps_comfyuis_choice(comfy, attn, pack, load, tiny_bfl, lomd,
     _train(pack, model, lomd, checkpointing=False)
     assert calls == []  # training never ran the global choice
     assert "optimized_attention_override" not in model.model_options.get("transformer_options", {})
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        model.model.diffusion_model(
-            torch.randn(1, 16, 16, 8, generator=g),
-            torch.tensor([0.5]),
-            context=torch.randn(1, 32, 64, generator=g),
-            y=torch.randn(1, 32, generator=g),
-            guidance=torch.tensor([3.5]),
-            transformer_options=dict(model.model_options.get("transformer_options", {})),
-        )
+    _sampling_forward(model)
     assert len(calls) == 4  # a sampling forward runs it in each of the 2 double + 2 single blocks
 
 
@@ -136,14 +141,5 @@ def test_training_attention_never_allows_cudnn_and_sampling_is_untouched(
     assert set(seen) == {TRAINING_FLAGS}, seen
     seen.clear()  # sampling, with ComfyUI's choice set to its PyTorch attention (on a CPU it is sub-quadratic)
     monkeypatch.setattr(comfy.ldm.flux.math, "optimized_attention", attn.get_attention_function("pytorch"))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        model.model.diffusion_model(
-            torch.randn(1, 16, 16, 8, generator=g),
-            torch.tensor([0.5]),
-            context=torch.randn(1, 32, 64, generator=g),
-            y=torch.randn(1, 32, generator=g),
-            guidance=torch.tensor([3.5]),
-            transformer_options=dict(model.model_options.get("transformer_options", {})),
-        )
+    _sampling_forward(model)
     assert seen and all(flags[0] for flags in seen)  # sampling: PyTorch's own switches
