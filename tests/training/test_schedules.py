@@ -51,3 +51,16 @@ def test_scheduler_drives_optimizer_and_groups():
     assert seen[2] == pytest.approx([2e-3 * 8 / 9, 1e-3 * 8 / 9])
     with pytest.raises(MetaLoRAError, match="nothing to train"):
         param_groups([("c.frozen", frozen)], 1e-3)
+
+
+def test_warmup_longer_than_the_run_is_capped_so_the_last_step_reaches_the_lr(backend, lomd, views, cond):
+    from metalora_core.training.personalize import PersonalizeConfig, personalize
+    from metalora_core.training.schedules import capped_warmup
+
+    assert capped_warmup(10, 5) == (5, None) and capped_warmup(10, 9) == (9, None)
+    capped, note = capped_warmup(10, 20)
+    assert capped == 9 and "capped at 9 steps (asked 20)" in note
+    assert capped_warmup(1, 20)[0] == 0
+    result = personalize(backend, lomd, views, cond, PersonalizeConfig(steps=4, lr=1e-3, warmup_steps=20))
+    assert result.lrs == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])  # 1/4 .. 4/4 of the set rate
+    assert any("warm-up capped at 3 steps (asked 20)" in n for n in result.notes)
