@@ -115,6 +115,10 @@ class IdentityHead(nn.Module):
             )
         self.scale = float(scale)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self._pieces: set[tuple[int, int]] = set()  # row spans of the attached layers reading this head
+        self._split: list[tuple[int, int]] = []  # the same spans when they tile Up's rows (Up is split once)
+        self._memo: _Memo | None = None  # the current forward's shared product
+        self._down_cast: tuple | None = None  # a frozen Down in the compute dtype
 
     def low_rank(self, x: torch.Tensor) -> torch.Tensor:
         """``Mid (Down (dropout x))``: the rank-``rank_mid`` activations every output row is built from."""
@@ -132,25 +136,26 @@ class IdentityHead(nn.Module):
     def register_rows(self, rows: slice | None) -> None:
         """Note that a layer reading ``Up[rows]`` of this head is attached (diffusers' q/k/v, proj_mlp)."""
         if rows is not None:
-            self._pieces = {*getattr(self, "_pieces", set()), (rows.start, rows.stop)}
+            self._pieces.add((rows.start, rows.stop))
+            spans = sorted(self._pieces)
+            tiles = spans[0][0] == 0 and spans[-1][1] == self.up.shape[0]
+            tiles = tiles and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+            self._split = spans if tiles else []
         self.clear_memo()
 
     def __getstate__(self) -> dict:
         """Copies and pickles of a head leave out the per-forward caches (they hold autograd tensors)."""
-        state = dict(self.__dict__)
-        state.pop("_memo", None)
-        state.pop("_down_cast", None)
-        return state
+        return {**self.__dict__, "_memo": None, "_down_cast": None}
 
     def clear_memo(self) -> None:
         """Forget the last forward's shared product (heads are detached, or their weights were replaced)."""
-        self._memo: _Memo | None = None
+        self._memo = None
 
     def _down_in(self, dtype: torch.dtype) -> torch.Tensor:
         """Down in the compute dtype; a frozen Down is cast once, not once per forward."""
         if self.down.requires_grad or self.down.dtype == dtype:
             return _as(self.down, dtype)
-        cached = getattr(self, "_down_cast", None)
+        cached = self._down_cast
         key = (dtype, self.down.device, self.down._version, self.down.data_ptr())
         if cached is None or cached[0] != key:
             cached = (key, self.down.detach().to(dtype))
@@ -163,10 +168,11 @@ class IdentityHead(nn.Module):
         The pieces of one fused layer (diffusers' ``to_q``/``to_k``/``to_v`` of BFL's ``qkv``, and
         ``proj_mlp`` of ``linear1``) are called one after the other with the very same input tensor, so
         the product is computed by the first and reused by the others (and then dropped): one low-rank path
-        per fused target, as the fused layer itself would run. ``Up`` is split once along the pieces' rows, so backward
-        assembles its gradient with one concatenation instead of one zero-filled copy per piece.
+        per fused target, as the fused layer itself would run. ``Up`` is split once along the pieces' rows
+        (:meth:`register_rows` decided how), so backward assembles its gradient with one concatenation
+        instead of one zero-filled copy per piece.
         """
-        memo = getattr(self, "_memo", None)
+        memo = self._memo
         if memo is not None and memo.matches(x, dtype, self):
             memo.left -= 1
             if memo.left <= 0:  # the last piece has it: keep nothing past the forward (see below)
@@ -175,18 +181,12 @@ class IdentityHead(nn.Module):
         h = F.linear(F.linear(_as(self.dropout(x), dtype), self._down_in(dtype)), _as(self.mid, dtype))
         up = _as(self.up, dtype)
         blocks: dict[tuple[int, int] | None, torch.Tensor] = {None: up}
-        spans = sorted(getattr(self, "_pieces", set()))
-        if (
-            spans
-            and spans[0][0] == 0
-            and spans[-1][1] == up.shape[0]
-            and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
-        ):
-            blocks.update(zip(spans, up.split([b - a for a, b in spans])))
+        if self._split:
+            blocks.update(zip(self._split, up.split([b - a for a, b in self._split])))
         memo = _Memo(x, dtype, self, h.reshape(-1, h.shape[-1]), up, blocks)
         # Held only until every piece has read it. Held longer, a product computed in a checkpoint's
         # recompute would keep that recompute's whole graph, and with it the block's activations, alive.
-        memo.left = max(1, len(getattr(self, "_pieces", ()))) - 1
+        memo.left = max(1, len(self._pieces)) - 1
         self._memo = memo if memo.left > 0 else None
         return memo
 

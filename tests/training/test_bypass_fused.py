@@ -114,8 +114,8 @@ def test_no_product_outlives_the_forward_under_checkpointing(backend, lomd, view
     try:
         with backend.adapters(heads):
             flow_loss(backend, x0, cond, torch.tensor([0.5]), torch.randn(x0.shape)).backward()
-            assert [k for k, h in heads.items() if getattr(h, "_memo", None) is not None] == []
+            assert [k for k, h in heads.items() if h._memo is not None] == []
     finally:
         backend.set_gradient_checkpointing(False)
-    split = [k for k, h in heads.items() if len(getattr(h, "_pieces", ())) > 1]
+    split = [k for k, h in heads.items() if len(h._pieces) > 1]
     assert split, "no head with several pieces: the check would be vacuous"
