@@ -29,13 +29,12 @@ from ..training.data import (
     photo_bucket,
     view_cache_key,
 )
-from ..training.diffusers_backend import DiffusersFluxBackend
 from ..training.loss_plot import save_loss_curve
 from ..training.memory import activation_bytes, decide_checkpointing, layerwise_copy_bytes
 from ..training.personalize import PersonalizeConfig, personalize
-from ..training.precision import PRECISION_CHOICES, Precision, choose_precision
+from ..training.precision import PRECISION_CHOICES, choose_precision
 from ..training.schedules import SCHEDULES, TrainingDiverged, capped_warmup
-from ..training.standalone import find_parts, load_vae, vae_encoder
+from ..training.standalone import find_parts, load_flux, load_vae, vae_encoder
 
 # options whose argparse dest is a PersonalizeConfig field of the same name
 CONFIG_ARGS = (
@@ -162,7 +161,7 @@ def run(args) -> int:
     face_weight = args.face_weight if args.face_weight is not None else (2.0 if face_box else 1.0)
     dev = device(args.device)
     say = lambda text: preflight.say(f"metalora personalize: {text}", args.quiet)  # noqa: E731
-    backend = load_backend(parts.transformer, args, dev, say)
+    backend, precision = load_flux(parts.transformer, args.dtype, dev, args.bf16, say)
     prompt = caption(args.trigger, args.subject_class, args.caption)
     if args.conditioning:
         cond = load_conditioning(args.conditioning, backend.dims)
@@ -244,7 +243,7 @@ def run(args) -> int:
                 "final_loss": result.losses[-1],
                 "bucket": list(views.bucket),
                 "fingerprint": result.adapter.fingerprint,
-                "precision": backend_precision(backend),
+                "precision": precision.describe(),
                 "gradient_checkpointing": checkpointing,
             }
         )
@@ -252,26 +251,9 @@ def run(args) -> int:
     return 0
 
 
-def load_backend(path, args, dev: torch.device, say) -> DiffusersFluxBackend:
-    """FLUX loaded as ``--dtype`` asks for on ``dev`` (the precision chosen and said in one status line)."""
-    from ..flux_model import read_weight_dtype
-
-    precision = choose_precision(args.dtype, dev, read_weight_dtype(path), args.bf16)
-    say(f"loading FLUX from {path} ({precision.describe()}, on {dev}; this takes a while)")
-    backend = DiffusersFluxBackend.from_path(path, precision.compute, dev, storage_dtype=precision.storage)
-    backend.precision = precision
-    return backend
-
-
-def backend_precision(backend) -> str:
-    precision: Precision | None = getattr(backend, "precision", None)
-    return precision.describe() if precision is not None else str(backend.dtype)
-
-
 def choose_checkpointing(args, backend, latent_hw, text_tokens: int, batch: int, say) -> bool:
     """``--checkpointing auto|on|off`` resolved for this model, resolution and device, and said."""
-    precision: Precision | None = getattr(backend, "precision", None)
-    copies = layerwise_copy_bytes(backend.model, backend.dtype) if precision and precision.layerwise else 0
+    copies = layerwise_copy_bytes(backend.model, backend.dtype)  # 0 unless the weights are stored in fp8
     dtype = torch.bfloat16 if args.bf16 else backend.dtype
     without = (
         activation_bytes(backend.dims, latent_hw, text_tokens, batch, dtype, checkpointing=False) + copies

@@ -192,17 +192,11 @@ def _models(opt: DemoOptions, out: Path, run: DemoRun) -> dict:
 
 def _load(opt: DemoOptions, kit: dict):
     from ..cli.personalize_cmd import device
-    from ..flux_model import read_weight_dtype
     from ..training.conditioning import encode_prompt, load_conditioning
-    from ..training.diffusers_backend import DiffusersFluxBackend
-    from ..training.precision import choose_precision
-    from ..training.standalone import load_vae
+    from ..training.standalone import load_flux, load_vae
 
     dev = device(opt.device)
-    precision = choose_precision(opt.dtype, dev, read_weight_dtype(kit["flux"]))
-    backend = DiffusersFluxBackend.from_path(
-        kit["flux"], precision.compute, dev, storage_dtype=precision.storage
-    )
+    backend, _ = load_flux(kit["flux"], opt.dtype, dev)
     vae = load_vae(kit["vae"], dev)
     if kit["conditioning"]:
         cond = load_conditioning(kit["conditioning"], backend.dims)

@@ -39,9 +39,8 @@ def _restriction() -> AbstractContextManager:
     backends = training_backends()
     if "set_priority" in inspect.signature(sdpa_kernel).parameters:  # torch >= 2.6
         return sdpa_kernel(backends, set_priority=True)
-    return sdpa_kernel(
-        backends
-    )  # older torch: cuDNN off, the rest in PyTorch's order (flash, efficient, math)
+    # older torch: cuDNN off, the rest in PyTorch's order (flash, efficient, math)
+    return sdpa_kernel(backends)
 
 
 @contextmanager

@@ -27,6 +27,7 @@ from ..adapter import IdentityHead
 from ..inject import attach_to_diffusers, detach_heads
 from ..targets import FluxDims
 from .attention import training_sdpa
+from .precision import hooked_modules, store_layerwise
 from .protocol import TextConditioning
 
 
@@ -67,8 +68,7 @@ class DiffusersFluxBackend:
         self.has_guidance = bool(getattr(model.config, "guidance_embeds", dims.guidance))
         # A CUDA graph may replay the step unless diffusers hooks run per layer: layer-wise casting (fp8)
         # and offloading swap each weight's storage on every call, which a captured graph cannot follow.
-        hooked = any(getattr(m, "_diffusers_hook", None) is not None for m in model.modules())
-        self.capturable = self.device.type == "cuda" and not hooked
+        self.capturable = self.device.type == "cuda" and not hooked_modules(model)
 
     @classmethod
     def from_path(
@@ -89,8 +89,6 @@ class DiffusersFluxBackend:
         if storage_dtype is None or storage_dtype == dtype:
             model, dims = load_diffusers_flux(path, dtype=dtype, device=device)
             return cls(model, dims)
-        from .precision import store_layerwise
-
         model, dims = load_diffusers_flux(path, dtype=dtype, device="cpu")
         store_layerwise(model, storage_dtype, dtype)
         return cls(model.to(device), dims, compute_dtype=dtype)

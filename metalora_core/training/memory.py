@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..targets import FluxDims
+from .precision import hooked_modules
 
 # Saved activations per token and hidden unit for one FLUX block's forward + backward: qkv (3), q/k after
 # norm and RoPE (2 x 2), attention output (1), projections and MLP input/hidden/GELU (1 + 2 + 4 + 4), norms and
@@ -51,12 +52,9 @@ def layerwise_copy_bytes(model: nn.Module, compute: torch.dtype) -> int:
     for the forward, so without checkpointing every layer's copy stays until backward (the fp8 storage
     saves nothing while training). With checkpointing only the recomputed block's copies live at once.
     """
-    total = 0
-    for module in model.modules():
-        if getattr(module, "_diffusers_hook", None) is None:
-            continue
-        total += sum(p.numel() for p in module.parameters(recurse=False)) * compute.itemsize
-    return total
+    return (
+        sum(p.numel() for m in hooked_modules(model) for p in m.parameters(recurse=False)) * compute.itemsize
+    )
 
 
 def cuda_free_bytes(device: torch.device) -> int:

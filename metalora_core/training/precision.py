@@ -31,6 +31,11 @@ DTYPE_NAMES = {
 PRECISION_CHOICES = ("auto", *DTYPE_NAMES)
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """The ``--dtype`` name of a dtype."""
+    return next(name for name, value in DTYPE_NAMES.items() if value == dtype)
+
+
 @dataclass(frozen=True)
 class Precision:
     """Weights at rest (``storage``), the dtype layers compute in, and bf16 autocast on float32 weights."""
@@ -45,10 +50,9 @@ class Precision:
         return self.storage != self.compute
 
     def describe(self) -> str:
-        name = {v: k for k, v in DTYPE_NAMES.items()}
-        text = f"{name[self.storage]} weights"
+        text = f"{dtype_name(self.storage)} weights"
         if self.layerwise:
-            text += f", {name[self.compute]} compute (cast layer by layer)"
+            text += f", {dtype_name(self.compute)} compute (cast layer by layer)"
         if self.autocast:
             text += ", bf16 autocast"
         return text
@@ -81,9 +85,9 @@ def choose_precision(
     else:
         chosen = DTYPE_NAMES[requested]
     if bf16_autocast and chosen != torch.float32:
-        name = next(k for k, v in DTYPE_NAMES.items() if v == chosen)
         raise MetaLoRAError(
-            f"--bf16 autocasts a float32 model to bf16 matmuls; with --dtype {requested} the weights are {name}, "
+            f"--bf16 autocasts a float32 model to bf16 matmuls; with --dtype {requested} the weights are "
+            f"{dtype_name(chosen)}, "
             "so it would do nothing: drop --bf16, or give --dtype float32 --bf16"
         )
     if chosen.itemsize == 1:
@@ -98,6 +102,12 @@ def choose_precision(
 FP8_KEEP = ("pos_embed", "^proj_out$")
 
 
+def hooked_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules diffusers runs a hook around (layer-wise casting, offloading): their weights change
+    storage on every call."""
+    return [m for m in model.modules() if getattr(m, "_diffusers_hook", None) is not None]
+
+
 def store_layerwise(model: torch.nn.Module, storage: torch.dtype, compute: torch.dtype) -> None:
     """Store ``model``'s linear weights in ``storage`` and compute each layer in ``compute``: diffusers' own
     layer-wise casting (hooks that cast a layer's weights on the way in and back on the way out)."""
@@ -106,4 +116,13 @@ def store_layerwise(model: torch.nn.Module, storage: torch.dtype, compute: torch
     apply_layerwise_casting(model, storage, compute, skip_modules_pattern=FP8_KEEP)
 
 
-__all__ = ["DTYPE_NAMES", "FP8_KEEP", "PRECISION_CHOICES", "Precision", "choose_precision", "store_layerwise"]
+__all__ = [
+    "DTYPE_NAMES",
+    "FP8_KEEP",
+    "PRECISION_CHOICES",
+    "Precision",
+    "choose_precision",
+    "dtype_name",
+    "hooked_modules",
+    "store_layerwise",
+]

@@ -12,6 +12,8 @@ import torch
 
 from ..errors import MetaLoRAError
 from .conditioning import has_text_encoders
+from .diffusers_backend import DiffusersFluxBackend
+from .precision import Precision, choose_precision
 
 
 @dataclass
@@ -59,3 +61,21 @@ def vae_encoder(vae) -> Callable[[torch.Tensor], torch.Tensor]:
         return (mean.float() - shift) * scale
 
     return encode
+
+
+def load_flux(
+    path: str | os.PathLike,
+    requested: str,
+    device: torch.device,
+    bf16_autocast: bool = False,
+    say: Callable[[str], None] | None = None,
+) -> tuple[DiffusersFluxBackend, Precision]:
+    """FLUX as ``--dtype requested`` asks on ``device`` (the file's own dtype read from its headers), and
+    the precision chosen; ``say`` hears which, before the slow load."""
+    from ..flux_model import read_weight_dtype
+
+    precision = choose_precision(requested, device, read_weight_dtype(path), bf16_autocast)
+    if say is not None:
+        say(f"loading FLUX from {path} ({precision.describe()}, on {device}; this takes a while)")
+    backend = DiffusersFluxBackend.from_path(path, precision.compute, device, storage_dtype=precision.storage)
+    return backend, precision

@@ -12,6 +12,7 @@ from metalora_core.training.diffusers_backend import DiffusersFluxBackend
 from metalora_core.training.memory import decide_checkpointing, layerwise_copy_bytes
 from metalora_core.training.personalize import PersonalizeConfig, personalize
 from metalora_core.training.precision import Precision, choose_precision
+from metalora_core.training.standalone import load_flux
 
 CPU, GPU = torch.device("cpu"), torch.device("cuda")
 FP8 = torch.float8_e4m3fn
@@ -55,7 +56,11 @@ def test_the_file_dtype_is_read_from_headers(assets, tmp_path):
 
 def test_fp8_storage_keeps_linears_in_fp8_and_trains_on_the_rounded_weights(assets, lomd, views, cond):
     """fp8 storage is exactly the bf16 model with its linear weights rounded to fp8 (and trains)."""
-    fp8 = DiffusersFluxBackend.from_path(assets["diffusers"], torch.bfloat16, "cpu", storage_dtype=FP8)
+    heard = []
+    fp8, precision = load_flux(
+        assets["diffusers"], "float8_e4m3fn", CPU, say=heard.append
+    )  # as the CLI loads
+    assert precision == Precision(FP8, torch.bfloat16) and "float8_e4m3fn weights" in heard[0]
     model = fp8.model
     assert fp8.dtype == torch.bfloat16 and not fp8.capturable
     block = model.transformer_blocks[0]
