@@ -1,0 +1,43 @@
+"""Base-model families behind one seam: FLUX.1 (:mod:`.flux`) and Qwen-Image (:mod:`.qwen_image`).
+
+Everything family-specific is asked of the family of a model's sizes (:func:`family_of`) or of a file's
+tensors (:func:`detect_family`); see :mod:`.family` for what a family defines.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from ..errors import MetaLoRAError
+from .family import LoraPlace, ModelFamily, Target
+from .flux import FLUX
+from .qwen_image import QWEN_IMAGE
+
+FAMILIES: dict[str, ModelFamily] = {FLUX.name: FLUX, QWEN_IMAGE.name: QWEN_IMAGE}  # type: ignore[dict-item]
+
+
+def family_named(name: str | None) -> ModelFamily:
+    """The family stored as ``base_arch`` (files written before Qwen-Image existed say ``flux`` or nothing)."""
+    family = FAMILIES.get(name or FLUX.name)
+    if family is None:
+        raise MetaLoRAError(f"unknown base model family '{name}' (known: {', '.join(FAMILIES)})")
+    return family
+
+
+def family_of(dims: object) -> ModelFamily:
+    """The family a model's sizes belong to (each family's dims class names it)."""
+    return family_named(getattr(dims, "family", None))
+
+
+def detect_family(shapes: Mapping[str, object], source: str = "model") -> ModelFamily:
+    """The family whose checkpoint layout these tensor names are (most specific first)."""
+    for family in (QWEN_IMAGE, FLUX):
+        if family.owns(shapes):
+            return family  # type: ignore[return-value]
+    raise MetaLoRAError(
+        f"{source}: neither a FLUX.1 nor a Qwen-Image transformer (no 'img_in'/'x_embedder' weight); "
+        "pass the diffusion model file, not a text encoder or VAE"
+    )
+
+
+__all__ = ["FAMILIES", "LoraPlace", "ModelFamily", "Target", "detect_family", "family_named", "family_of"]
