@@ -65,7 +65,7 @@ def main() -> None:
     from metalora_core.adapter import AdapterShape
     from metalora_core.dev.random_assets import random_lomd
     from metalora_core.dev.tiny_flux import tiny_dims, write_tiny_flux
-    from metalora_core.training.diffusers_backend import DiffusersFluxBackend
+    from metalora_core.training.diffusers_backend import DiffusersBackend
     from metalora_core.training.personalize import PersonalizeConfig, personalize
     from metalora_core.training.protocol import TextConditioning
 
@@ -84,7 +84,7 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     backends = {
         "comfyui": pack_backend().ComfyFluxBackend(patcher),
-        "diffusers": DiffusersFluxBackend.from_path(path, dtype=dtype, device=device),
+        "diffusers": DiffusersBackend.from_path(path, dtype=dtype, device=device),
     }
     for name, backend in backends.items():
         for checkpointing in (False, True):

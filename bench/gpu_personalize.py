@@ -164,14 +164,14 @@ def one(args) -> int:
 
 def floor(args) -> int:
     """Child process: the frozen model's forward + backward at the same size (median of the timed steps)."""
-    from metalora_core.training.diffusers_backend import DiffusersFluxBackend
+    from metalora_core.training.diffusers_backend import DiffusersBackend
     from metalora_core.training.objective import flow_loss
     from metalora_core.training.protocol import TextConditioning
 
     paths = {k: Path(v) for k, v in json.loads(args.paths).items()}
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    backend = DiffusersFluxBackend.from_path(paths["flux"], dtype, device)
+    backend = DiffusersBackend.from_path(paths["flux"], dtype, device)
     g = torch.Generator().manual_seed(0)
     side = args.px // 8
     x0 = torch.randn(1, 16, side, side, generator=g).to(device)

@@ -104,7 +104,7 @@ def run_level(nuisance: float, args) -> dict:
     begun = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         flux = P.write_tiny_flux(Path(tmp) / "tiny_flux.safetensors", "bfl", P.TINY_DIMS, seed=0)
-        backend = P.DiffusersFluxBackend.from_path(flux)
+        backend = P.DiffusersBackend.from_path(flux)
         family = P.Family(backend, args)
         train = [
             [

@@ -60,7 +60,7 @@ from metalora_core.lomd.distill import DistillConfig, distill_lomd  # noqa: E402
 from metalora_core.lomd.seeded import seeded_down, seeded_lomd  # noqa: E402
 from metalora_core.safeio import save_tensors  # noqa: E402
 from metalora_core.targets import resolve_targets  # noqa: E402
-from metalora_core.training.diffusers_backend import DiffusersFluxBackend  # noqa: E402
+from metalora_core.training.diffusers_backend import DiffusersBackend  # noqa: E402
 from metalora_core.training.lora_baseline import diffusers_modules, export_peft, peft_lora  # noqa: E402
 from metalora_core.training.protocol import TextConditioning  # noqa: E402
 
@@ -71,7 +71,7 @@ SHAPE = AdapterShape(4, 16)
 class Family:
     """The generator of identities (see the module docstring)."""
 
-    def __init__(self, backend: DiffusersFluxBackend, args) -> None:
+    def __init__(self, backend: DiffusersBackend, args) -> None:
         g = torch.Generator().manual_seed(args.seed + 1000)
         self.args, self.backend = args, backend
         self.targets = resolve_targets(backend.dims, PRESET)
@@ -151,7 +151,7 @@ class Family:
         return self.heads([self.change(j), self.nuisance_change(j, p)])
 
 
-def fused_weights(backend: DiffusersFluxBackend):
+def fused_weights(backend: DiffusersBackend):
     """(canonical name, fused weight) of every target, concatenating diffusers' split pieces."""
     from metalora_core.targets import diffusers_pieces
 
@@ -167,7 +167,7 @@ class Task:
 
     def __init__(
         self,
-        backend: DiffusersFluxBackend,
+        backend: DiffusersBackend,
         teacher: nn.ModuleDict,
         draw_seed: int,
         draws: int,
@@ -237,7 +237,7 @@ def plain_lora(
         return curve, export_peft(params, 1.0)
 
 
-def meta_train(backend: DiffusersFluxBackend, tasks: list[Task] | list[list[Task]], args) -> LoMD:
+def meta_train(backend: DiffusersBackend, tasks: list[Task] | list[list[Task]], args) -> LoMD:
     """Stage 1 on this objective: one shared Down (Parameter) under every training identity's head.
 
     ``tasks[j]`` is identity ``j``'s task, or the list of its photos' tasks, taken in turn (the paper's
@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     begun = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         flux = write_tiny_flux(Path(tmp) / "tiny_flux.safetensors", "bfl", TINY_DIMS, seed=0)
-        backend = DiffusersFluxBackend.from_path(flux)
+        backend = DiffusersBackend.from_path(flux)
         family = Family(backend, args)
         train = [Task(backend, family.teacher(j), 10_000 + j, args.draws) for j in range(args.train_ids)]
         held = [

@@ -59,7 +59,7 @@ from metalora_core.adapter import AdapterShape, IdentityHead  # noqa: E402
 from metalora_core.formats import LoMD  # noqa: E402
 from metalora_core.inject import _parent, attach_to_diffusers, detach_heads, make_heads  # noqa: E402
 from metalora_core.targets import FluxDims, diffusers_config_for, diffusers_pieces, resolve_targets  # noqa: E402
-from metalora_core.training.diffusers_backend import DiffusersFluxBackend  # noqa: E402
+from metalora_core.training.diffusers_backend import DiffusersBackend  # noqa: E402
 from metalora_core.training.lora_baseline import peft_lora  # noqa: E402
 from metalora_core.training.objective import flow_loss  # noqa: E402
 from metalora_core.training.protocol import TextConditioning  # noqa: E402
@@ -212,7 +212,7 @@ class Variants:
 
     def __init__(self, dims, img_tokens, txt_tokens, device, dtype, checkpointing, variants) -> None:
         model = build(dims, device, dtype)
-        self.backend = DiffusersFluxBackend(model, dims)
+        self.backend = DiffusersBackend(model, dims)
         if checkpointing:
             self.backend.set_gradient_checkpointing(True)
         self.x0, self.t, self.noise, self.cond = step_inputs(dims, img_tokens, txt_tokens, device, dtype)

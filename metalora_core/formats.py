@@ -18,6 +18,7 @@ import torch
 
 from .adapter import AdapterShape, fold_to_lora
 from .errors import FingerprintMismatch, MetaLoRAError
+from .models import family_named, family_of, family_of_targets
 from .safeio import fingerprint, load_tensors, save_tensors
 from .targets import FluxDims, canonical_from_diffusers, canonical_from_kohya, diffusers_pieces, kohya_name
 
@@ -193,7 +194,7 @@ def _hidden(metadata: Mapping[str, str]) -> int | None:
     return int(value) if value.isdigit() else None
 
 
-def _place_down_key(key: str) -> tuple[str, int] | None:
+def _place_down_key(key: str, family: str = "flux") -> tuple[str, int] | None:
     """Map one key of a foreign LoMD layout to (canonical target, piece index)."""
     if key.endswith(DOWN_SUFFIX):
         return key[: -len(DOWN_SUFFIX)], 0
@@ -204,12 +205,28 @@ def _place_down_key(key: str) -> tuple[str, int] | None:
     for strip in ("diffusion_model.", "transformer.", "base_model.model.", "unet."):
         if prefix.startswith(strip):
             prefix = prefix[len(strip) :]
+    if family != "flux":
+        hit = family_named(family).place_lora_prefix(prefix)
+        return (hit.name, hit.piece) if hit else None
     canonical = canonical_from_kohya(prefix)
     if canonical:
         return canonical, 0
     if re.fullmatch(r"(double_blocks|single_blocks)\.\d+\..+", prefix):
         return prefix, 0
     return canonical_from_diffusers(prefix)
+
+
+def _lomd_family(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> str:
+    """The family a LoMD file is for: its metadata, else Qwen-Image when a key places only there."""
+    if metadata.get("base_arch"):
+        return family_named(metadata["base_arch"]).name
+    names = [k[: -len(DOWN_SUFFIX)] for k in tensors if k.endswith(DOWN_SUFFIX)]
+    if names:
+        return family_of_targets(names).name
+    for key in tensors:
+        if _place_down_key(key, "flux") is None and _place_down_key(key, "qwen_image") is not None:
+            return "qwen_image"
+    return "flux"
 
 
 def lomd_from_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], source: str) -> LoMD:
@@ -226,17 +243,21 @@ def lomd_from_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str
     downs: dict[str, torch.Tensor] = {}
     pieces: dict[str, dict[int, torch.Tensor]] = {}
     alphas: dict[str, float] = {}
+    family = _lomd_family(tensors, metadata)
+    label = family_named(family).label
     for key, value in tensors.items():
         if key.endswith(".alpha"):
             alphas[key[: -len(".alpha")]] = float(value.float().reshape(-1)[0])
             continue
-        placed = _place_down_key(key)
-        if placed is None and not any(_place_down_key(k) for k in tensors if not k.endswith(".alpha")):
+        placed = _place_down_key(key, family)
+        if placed is None and not any(
+            _place_down_key(k, family) for k in tensors if not k.endswith(".alpha")
+        ):
             raise MetaLoRAError(_not_a_lomd(tensors, metadata, source))
         if placed is None:
             raise MetaLoRAError(
-                f"{source}: cannot place key '{key}' as a FLUX LoMD down matrix (expected "
-                f"'<flux layer>{DOWN_SUFFIX}', kohya 'lora_unet_..._lora_down.weight' or diffusers "
+                f"{source}: cannot place key '{key}' as a {label} LoMD down matrix (expected "
+                f"'<{label} layer>{DOWN_SUFFIX}', kohya 'lora_unet_..._lora_down.weight' or diffusers "
                 "'transformer....lora_A.weight')"
             )
         name, piece = placed
@@ -264,7 +285,7 @@ def lomd_from_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str
     if "alpha" not in meta and alphas:
         meta["alpha"] = str(next(iter(alphas.values())))
     shape = _shape_from_meta(meta, rank_down, source)
-    lomd = LoMD(downs, shape, meta.get("base_arch", "flux"), _hidden(meta), meta, source)
+    lomd = LoMD(downs, shape, family, _hidden(meta), meta, source)
     declared = meta.get("fingerprint")
     if declared and declared != lomd.fingerprint:
         raise MetaLoRAError(
@@ -343,7 +364,7 @@ def identity_from_tensors(
         shape,
         metadata.get("lomd_fingerprint", ""),
         training,
-        metadata.get("base_arch", "flux"),
+        metadata.get("base_arch") or family_of_targets(mids).name,
         _hidden(metadata),
         dict(metadata),
         source,
@@ -386,6 +407,7 @@ def check_pair(lomd: LoMD, adapter: IdentityAdapter, force: bool = False) -> Non
 
 def check_lomd_fits(lomd: LoMD, shapes: Mapping[str, tuple[int, int]], model_name: str = "the model") -> None:
     """Check every Down against the model's fused ``(out, in)`` shapes; the message names layer and shapes."""
+    _check_family("LoMD", lomd.source, lomd.base_arch, shapes, model_name)
     for name, down in lomd.downs.items():
         if name not in shapes:
             raise MetaLoRAError(f"LoMD {lomd.source}: layer '{name}' does not exist in {model_name}")
@@ -394,14 +416,29 @@ def check_lomd_fits(lomd: LoMD, shapes: Mapping[str, tuple[int, int]], model_nam
             raise MetaLoRAError(
                 f"LoMD {lomd.source} does not fit {model_name}: layer '{name}' has Down {tuple(down.shape)} "
                 f"(input {down.shape[1]}) but the model's weight is ({out_f}, {in_f}) (input {in_f}). "
-                "The LoMD was made for a FLUX of another size"
+                f"The LoMD was made for a {family_named(lomd.base_arch).label} of another size"
             )
+
+
+def _check_family(
+    kind: str, source: str, base_arch: str, shapes: Mapping[str, tuple[int, int]], model_name: str
+) -> None:
+    """A file for one base model family used on another: say both families, not a missing layer."""
+    if not shapes:
+        return
+    theirs, ours = family_named(base_arch), family_of_targets(shapes)
+    if theirs.name != ours.name:
+        raise MetaLoRAError(
+            f"{kind} {source} is for {theirs.label}, but {model_name} is a {ours.label} model; "
+            f"use a {ours.label} {kind} (or make one for this model)"
+        )
 
 
 def check_identity_fits(
     adapter: IdentityAdapter, shapes: Mapping[str, tuple[int, int]], model_name: str = "the model"
 ) -> None:
     """Check every Up against the model's fused ``(out, in)`` shapes; the message names layer and shapes."""
+    _check_family("identity", adapter.source, adapter.base_arch, shapes, model_name)
     for name in adapter.targets:
         if name not in shapes:
             raise MetaLoRAError(f"identity {adapter.source}: layer '{name}' does not exist in {model_name}")
@@ -410,7 +447,8 @@ def check_identity_fits(
             raise MetaLoRAError(
                 f"identity {adapter.source} does not fit {model_name}: layer '{name}' has Up "
                 f"{tuple(adapter.ups[name].shape)} (output {adapter.ups[name].shape[0]}) but the model's weight "
-                f"is ({out_f}, {in_f}) (output {out_f}). The identity was trained on a FLUX of another size"
+                f"is ({out_f}, {in_f}) (output {out_f}). The identity was trained on a "
+                f"{family_named(adapter.base_arch).label} of another size"
             )
 
 
@@ -457,7 +495,8 @@ def lora_tensors(
             tensors[f"{prefix}.alpha"] = torch.tensor(float(down.shape[0]), dtype=dtype)
     elif fmt == "diffusers":
         for name, (up, down) in layers.items():
-            pieces = diffusers_pieces(name, dims or FluxDims(up.shape[0], 0, 0, 0, 0, 0, 0, False, 0))
+            family = family_of(dims) if dims is not None else family_of_targets([name])
+            pieces = diffusers_pieces(name, dims or family.dims_for_lora(up.shape[0], 0))
             if len(pieces) > 1 and dims is None:
                 raise MetaLoRAError(
                     f"writing fused layer '{name}' in diffusers naming needs the model's sizes"
@@ -484,12 +523,13 @@ def save_lora(
     if not layers:
         raise MetaLoRAError(f"refusing to write {path}: no layer left to save")
     rank = max(int(down.shape[0]) for _, down in layers.values())
+    family = family_of(dims) if dims is not None else family_of_targets(layers)
     meta = {
         "format": f"lora.{fmt}",
-        "ss_network_module": "networks.lora_flux" if fmt == "kohya" else "",
+        "ss_network_module": family.kohya_network_module if fmt == "kohya" else "",
         "ss_network_dim": str(rank),
         "ss_network_alpha": str(float(rank)),
-        "ss_base_model_version": "flux1",
+        "ss_base_model_version": family.lora_base_version,
         **(metadata or {}),
     }
     return save_tensors(path, lora_tensors(layers, fmt, dims, dtype), meta)

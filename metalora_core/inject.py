@@ -15,8 +15,9 @@ from torch import nn
 
 from .adapter import BypassLinear, IdentityHead
 from .errors import MetaLoRAError
-from .flux_model import fused_shapes
 from .formats import SOURCE_KEY, IdentityAdapter, LoMD, check_identity_fits, check_lomd_fits, check_pair
+from .model_files import fused_shapes
+from .models import family_of
 from .targets import FluxDims, diffusers_pieces
 
 
@@ -129,7 +130,7 @@ def heads_to_adapter(
     shape = replace(lomd.shape, rank_mid=rank_mid)
     meta = {SOURCE_KEY: lomd.origin}  # an identity says whether its LoMD had a prior (seeded = none)
     return IdentityAdapter(
-        mids, ups, shape, lomd.fingerprint, dict(training or {}), "flux", dims.hidden, meta
+        mids, ups, shape, lomd.fingerprint, dict(training or {}), family_of(dims).name, dims.hidden, meta
     )
 
 

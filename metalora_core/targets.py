@@ -21,9 +21,9 @@ from .models.flux import (  # noqa: F401  (FLUX's own names, re-exported)
     SINGLE_MOD,
     FluxDims,
     bfl_to_diffusers,
+    diffusers_to_bfl,
     dims_from_bfl,
     dims_from_diffusers,
-    diffusers_to_bfl,
     strip_bfl_prefix,
 )
 from .models.flux import canonical_from_diffusers as _flux_from_diffusers

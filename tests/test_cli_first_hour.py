@@ -19,7 +19,7 @@ from metalora_core.cli.main import all_parsers, build_parser, main
 from metalora_core.dev.tiny_faces import paint_markers, write_tiny_face_models
 from metalora_core.errors import MetaLoRAError
 from metalora_core.formats import load_identity
-from metalora_core.training.diffusers_backend import DiffusersFluxBackend
+from metalora_core.training.diffusers_backend import DiffusersBackend
 from tests.personalize_kit import personalize_args, write_kit
 
 
@@ -44,7 +44,7 @@ def no_model_load(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("FLUX was loaded before the bad input was reported")
 
-    monkeypatch.setattr(DiffusersFluxBackend, "from_path", refuse)  # every command loads FLUX through it
+    monkeypatch.setattr(DiffusersBackend, "from_path", refuse)  # every command loads FLUX through it
 
 
 def _one_line_error(capsys, *needles: str) -> str:
@@ -235,7 +235,7 @@ def test_meta_train_says_how_many_photos_it_drops(kit, tmp_path, capsys, monkeyp
     def stop(*args, **kwargs):
         raise MetaLoRAError("stopped before loading FLUX")
 
-    monkeypatch.setattr(DiffusersFluxBackend, "from_path", stop)
+    monkeypatch.setattr(DiffusersBackend, "from_path", stop)
     args = [
         "meta-train", "--flux", str(kit / "flux.safetensors"), "--data", str(data), "--resolution", "128",
         "--conditioning", str(kit / "cond.safetensors"), "--vae", str(kit / "vae"),

@@ -7,7 +7,7 @@ import torch
 
 from metalora_core.adapter import merge_into
 from metalora_core.dev.tiny_flux import example_inputs
-from metalora_core.flux_model import load_diffusers_flux
+from metalora_core.model_files import load_diffusers_model
 from metalora_core.formats import export_lora, fold_identity, load_identity, load_lomd
 from metalora_core.inject import attached, detach_heads
 from metalora_core.safeio import load_tensors
@@ -22,7 +22,7 @@ def _forward(model, inputs):
 def test_fused_bfl_adapter_equals_sliced_diffusers_adapters(assets):
     """Merging the fused delta into BFL weights, then converting, equals bypass adapters on the split layers."""
     lomd, adapter = load_lomd(assets["lomd"]), load_identity(assets["adapter"])
-    model, dims = load_diffusers_flux(assets["bfl"], dtype=torch.float64)
+    model, dims = load_diffusers_model(assets["bfl"], dtype=torch.float64)
     inputs = example_inputs(dims, dtype=torch.float64, seed=5)
     base = _forward(model, inputs)
     with attached(model, dims, lomd, adapter, dtype=torch.float64):
@@ -33,7 +33,7 @@ def test_fused_bfl_adapter_equals_sliced_diffusers_adapters(assets):
     bfl = {k: v.double() for k, v in bfl.items()}
     for name, (up, down) in fold_identity(lomd, adapter).items():
         merge_into(bfl[f"{name}.weight"], up @ down)
-    merged_model, _ = load_diffusers_flux(assets["bfl"], dtype=torch.float64)
+    merged_model, _ = load_diffusers_model(assets["bfl"], dtype=torch.float64)
     merged_model.load_state_dict(bfl_to_diffusers(bfl))
     merged = _forward(merged_model, inputs)
 
@@ -44,7 +44,7 @@ def test_fused_bfl_adapter_equals_sliced_diffusers_adapters(assets):
 def test_diffusers_export_loads_with_diffusers_lora_loader(assets, tmp_path):
     """diffusers' own ``load_lora_adapter`` on our diffusers-format export == our bypass adapter."""
     lomd, adapter = load_lomd(assets["lomd"]), load_identity(assets["adapter"])
-    model, dims = load_diffusers_flux(assets["bfl"], dtype=torch.float32)
+    model, dims = load_diffusers_model(assets["bfl"], dtype=torch.float32)
     inputs = example_inputs(dims, seed=6)
     base = _forward(model, inputs)
     with attached(model, dims, lomd, adapter):
@@ -61,7 +61,7 @@ def test_diffusers_export_loads_with_diffusers_lora_loader(assets, tmp_path):
 def test_kohya_export_reconstructs_delta_with_alpha_rule(assets, tmp_path):
     """What kohya / ComfyUI compute (alpha / rank * up @ down) equals the three-layer delta, in float64."""
     lomd, adapter = load_lomd(assets["lomd"]), load_identity(assets["adapter"])
-    _, dims = load_diffusers_flux(assets["bfl"])
+    _, dims = load_diffusers_model(assets["bfl"])
     path = export_lora(
         tmp_path / "k.safetensors", lomd, adapter, dims, "kohya", strength=0.8, dtype=torch.float64
     )
@@ -83,7 +83,7 @@ def test_kohya_export_reconstructs_delta_with_alpha_rule(assets, tmp_path):
 
 def test_detach_after_error_leaves_model_unpatched(assets):
     lomd, adapter = load_lomd(assets["lomd"]), load_identity(assets["adapter"])
-    model, dims = load_diffusers_flux(assets["bfl"])
+    model, dims = load_diffusers_model(assets["bfl"])
     before = {k: v.clone() for k, v in model.state_dict().items()}
     try:
         with attached(model, dims, lomd, adapter):

@@ -17,7 +17,7 @@ import torch
 from metalora_core.adapter import AdapterShape
 from metalora_core.dev.random_assets import random_adapter, random_lomd
 from metalora_core.dev.tiny_flux import example_inputs
-from metalora_core.flux_model import load_diffusers_flux
+from metalora_core.model_files import load_diffusers_model
 from metalora_core.formats import export_lora
 from metalora_core.inject import attached, set_strength
 from metalora_core.safeio import load_tensors
@@ -44,7 +44,7 @@ def test_kohya_export_read_by_diffusers_kohya_converter_equals_our_adapter(asset
     from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
 
     lomd, adapter = pair
-    model, dims = load_diffusers_flux(assets["bfl"], dtype=torch.float32)
+    model, dims = load_diffusers_model(assets["bfl"], dtype=torch.float32)
     inputs = example_inputs(dims, seed=9)
     base = _forward(model, inputs)
     path = export_lora(tmp_path / "kohya.safetensors", lomd, adapter, dims, "kohya", strength=0.7)

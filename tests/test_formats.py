@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from metalora_core.adapter import AdapterShape
 from metalora_core.errors import FingerprintMismatch, MetaLoRAError
-from metalora_core.flux_model import fused_shapes, read_flux_dims
+from metalora_core.model_files import fused_shapes, read_model_dims
 from metalora_core.formats import (
     LoMD,
     check_lomd_fits,
@@ -54,7 +54,7 @@ def test_fingerprint_is_order_independent_and_content_sensitive():
 @pytest.mark.parametrize("layout", ["kohya", "diffusers", "canonical"])
 def test_foreign_lomd_layouts_are_auto_detected(assets, tmp_path, layout):
     lomd = load_lomd(assets["lomd"])
-    dims, _ = read_flux_dims(assets["bfl"])
+    dims, _ = read_model_dims(assets["bfl"])
     tensors = {}
     for name, down in lomd.downs.items():
         if layout == "kohya":
@@ -76,7 +76,7 @@ def test_foreign_lomd_layouts_are_auto_detected(assets, tmp_path, layout):
 
 def test_foreign_lomd_errors_name_the_key(assets, tmp_path):
     lomd = load_lomd(assets["lomd"])
-    dims, _ = read_flux_dims(assets["bfl"])
+    dims, _ = read_model_dims(assets["bfl"])
     tensors = {
         f"transformer.{m}.lora_A.weight": torch.randn(4, 128)
         for m, _ in diffusers_pieces("double_blocks.0.img_attn.qkv", dims)
@@ -98,7 +98,7 @@ DOWN = ".meta_down.weight"
 def test_diffusers_export_in_the_fold_dtype_writes_shared_downs(assets, tmp_path):
     """Split pieces share one Down tensor; saving must not trip safetensors' shared-memory check."""
     lomd, adapter = load_lomd(assets["lomd"]), load_identity(assets["adapter"])
-    dims, _ = read_flux_dims(assets["bfl"])
+    dims, _ = read_model_dims(assets["bfl"])
     path = export_lora(tmp_path / "d64.safetensors", lomd, adapter, dims, "diffusers", dtype=torch.float64)
     tensors, _ = load_tensors(path)
     q = tensors["transformer.transformer_blocks.0.attn.to_q.lora_A.weight"]
@@ -107,7 +107,7 @@ def test_diffusers_export_in_the_fold_dtype_writes_shared_downs(assets, tmp_path
 
 def test_a_standard_lora_is_not_a_lomd(assets, tmp_path):
     lomd, adapter = load_lomd(assets["lomd"]), load_identity(assets["adapter"])
-    dims, _ = read_flux_dims(assets["bfl"])
+    dims, _ = read_model_dims(assets["bfl"])
     path = export_lora(tmp_path / "k.safetensors", lomd, adapter, dims, "kohya")
     assert detect_kind(*load_tensors(path)) == "lora"
     with pytest.raises(MetaLoRAError, match="standard LoRA"):
@@ -155,7 +155,7 @@ def test_lomd_that_does_not_fit_names_layer_and_shapes(assets):
     lomd = load_lomd(assets["lomd"])
     wide = {
         name: (out * 2, inp * 2)
-        for name, (out, inp) in fused_shapes(read_flux_dims(assets["bfl"])[0]).items()
+        for name, (out, inp) in fused_shapes(read_model_dims(assets["bfl"])[0]).items()
     }
     with pytest.raises(
         MetaLoRAError, match=r"layer 'double_blocks\.0\.img_attn\.proj' has Down \(4, 128\).*\(256, 256\)"
@@ -202,13 +202,13 @@ def test_atomic_save_keeps_the_old_file_when_writing_fails(assets, tmp_path, mon
 
 
 def test_truncated_flux_checkpoint_is_named_not_a_traceback(assets, tmp_path):
-    from metalora_core.flux_model import load_diffusers_flux
+    from metalora_core.model_files import load_diffusers_model
 
     data = open(assets["bfl"], "rb").read()
     path = tmp_path / "flux_cut.safetensors"
     path.write_bytes(data[: len(data) - 1000])  # header intact, tensor data short
     with pytest.raises(MetaLoRAError, match="flux_cut.safetensors.*not a readable safetensors"):
-        load_diffusers_flux(path)
+        load_diffusers_model(path)
 
 
 def test_identity_from_another_model_size_names_layer_and_shapes(assets):
@@ -217,7 +217,7 @@ def test_identity_from_another_model_size_names_layer_and_shapes(assets):
     from metalora_core.inject import make_heads
 
     lomd, adapter = load_lomd(assets["lomd"]), load_identity(assets["adapter"])
-    dims, _ = read_flux_dims(assets["bfl"])
+    dims, _ = read_model_dims(assets["bfl"])
     name = "double_blocks.0.img_attn.qkv"
     adapter.ups[name] = torch.zeros(385, adapter.shape.rank_mid)
     message = rf"layer '{re.escape(name)}' has Up \(385, 8\).*\(384, 128\).*another size"

@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 from metalora_core.dev.synthetic_loras import LAYOUTS, SPLIT_LAYOUTS, write_lora
 from metalora_core.dev.tiny_flux import TINY_DIMS
-from metalora_core.flux_model import read_flux_dims
+from metalora_core.model_files import read_model_dims
 from metalora_core.formats import export_lora, fold_identity, load_identity, load_lomd
 from metalora_core.loras import (
     DamagedLoraError,
@@ -74,7 +74,7 @@ def test_sizes_are_read_from_the_file_without_a_model(tmp_path):
 @pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
 def test_round_trip_of_our_own_exports(assets, tmp_path, fmt):
     lomd, adapter = load_lomd(assets["lomd"]), load_identity(assets["adapter"])
-    dims, _ = read_flux_dims(assets["bfl"])
+    dims, _ = read_model_dims(assets["bfl"])
     path = export_lora(tmp_path / f"{fmt}.safetensors", lomd, adapter, dims, fmt=fmt, dtype=F64)
     folded = fold_identity(lomd, adapter)
     got = read_lora(path, dims, dtype=F64)

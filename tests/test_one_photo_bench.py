@@ -26,7 +26,7 @@ def prior():
 
 @pytest.fixture(scope="module")
 def setup(prior, assets):
-    backend = prior.DiffusersFluxBackend.from_path(assets["bfl"])
+    backend = prior.DiffusersBackend.from_path(assets["bfl"])
     args = argparse.Namespace(
         seed=0, family_dim=8, true_rank=4, private=0.15, strength=0.3, nuisance=0.7, overlap=0.2
     )

@@ -13,9 +13,9 @@ from . import preflight
 def dims_for_export(lomd, adapter, model: str | None) -> FluxDims:
     """Sizes the diffusers slicing needs: from ``--model`` if given, else from the files' own shapes."""
     if model:
-        from ..flux_model import read_flux_dims
+        from ..model_files import read_model_dims
 
-        return read_flux_dims(model)[0]
+        return read_model_dims(model)[0]
     hidden = lomd.hidden_size or adapter.hidden_size
     if not hidden:
         raise MetaLoRAError(

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import os
 
-from ..flux_model import read_flux_dims
 from ..formats import PROVENANCE_KEY, detect_kind, identity_from_tensors, lomd_from_tensors
+from ..model_files import read_model_dims
 from ..safeio import fingerprint, load_tensors, read_keys
 from ..training.checkpoint import FORMAT_CHECKPOINT
 from ..training.conditioning import FORMAT_CONDITIONING
@@ -30,7 +30,7 @@ def _flux_summary(path: str) -> dict[str, object] | None:
         "diffusion_model.img_in.weight",
     }:
         return None
-    dims, layout = read_flux_dims(path)
+    dims, layout = read_model_dims(path)
     return {
         "file": path,
         "kind": "flux",
@@ -79,7 +79,7 @@ def _other_summary(path: str, tensors, metadata) -> dict[str, object] | None:
 
 def summarize(path: str) -> dict[str, object]:
     if os.path.isdir(path):
-        dims, layout = read_flux_dims(path)
+        dims, layout = read_model_dims(path)
         return {
             "file": path,
             "kind": "flux",

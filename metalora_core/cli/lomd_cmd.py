@@ -12,10 +12,10 @@ from pathlib import Path
 
 from ..adapter import AdapterShape
 from ..errors import MetaLoRAError
-from ..flux_model import read_flux_dims
 from ..formats import save_lomd
 from ..lomd.distill import DistillConfig, distill_lomd
 from ..lomd.seeded import KNOWN_MODELS, known_dims, seeded_lomd
+from ..model_files import read_model_dims
 from ..targets import DEFAULT_PRESET, PRESET_HELP, FluxDims
 
 MODEL_HELP = (
@@ -36,8 +36,8 @@ def model_dims(model: str) -> FluxDims:
                 f"metalora lomd: --model {model}: reading the checkpoint '{model}' found here, not the FLUX.1 "
                 "preset of that name (for the preset, run from another folder or give --model FLUX.1-dev)"
             )
-        return read_flux_dims(model)[0]
-    return known_dims(model) or read_flux_dims(model)[0]
+        return read_model_dims(model)[0]
+    return known_dims(model) or read_model_dims(model)[0]
 
 
 def lora_paths(items: list[str]) -> list[Path]:

@@ -26,7 +26,7 @@ from ..targets import DEFAULT_PRESET, PRESET_HELP
 from ..training.conditioning import load_conditioning
 from ..training.data import photo_bucket
 from ..training.schedules import SCHEDULES
-from ..training.standalone import find_parts, load_flux, load_vae, vae_encoder
+from ..training.standalone import find_parts, load_transformer, load_vae, vae_encoder
 from . import preflight
 from .personalize_cmd import ProgressBar, add_run_options, check_run_options, choose_checkpointing
 
@@ -145,7 +145,7 @@ def _meta_train(args, ctx: DistContext, device: torch.device) -> int:
     def say(text: str) -> None:
         preflight.say(f"metalora meta-train: {text}", args.quiet or not ctx.is_main)
 
-    backend, _ = load_flux(parts.transformer, args.dtype, device, args.bf16, say)
+    backend, _ = load_transformer(parts.transformer, args.dtype, device, args.bf16, say)
     side = args.resolution // 8  # one identity's photos go through the model at a time, at about this size
     checkpointing = choose_checkpointing(args, backend, (side, side), 512, 1, say)
     text = _text(args, parts, backend.dims, cache_dir, device)

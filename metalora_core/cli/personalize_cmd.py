@@ -34,7 +34,7 @@ from ..training.memory import activation_bytes, decide_checkpointing, layerwise_
 from ..training.personalize import PersonalizeConfig, personalize
 from ..training.precision import PRECISION_CHOICES, choose_precision
 from ..training.schedules import SCHEDULES, TrainingDiverged, capped_warmup
-from ..training.standalone import find_parts, load_flux, load_vae, vae_encoder
+from ..training.standalone import find_parts, load_transformer, load_vae, vae_encoder
 
 # options whose argparse dest is a PersonalizeConfig field of the same name
 CONFIG_ARGS = (
@@ -161,7 +161,7 @@ def run(args) -> int:
     face_weight = args.face_weight if args.face_weight is not None else (2.0 if face_box else 1.0)
     dev = device(args.device)
     say = lambda text: preflight.say(f"metalora personalize: {text}", args.quiet)  # noqa: E731
-    backend, precision = load_flux(parts.transformer, args.dtype, dev, args.bf16, say)
+    backend, precision = load_transformer(parts.transformer, args.dtype, dev, args.bf16, say)
     prompt = caption(args.trigger, args.subject_class, args.caption)
     if args.conditioning:
         cond = load_conditioning(args.conditioning, backend.dims)

@@ -193,10 +193,10 @@ def _models(opt: DemoOptions, out: Path, run: DemoRun) -> dict:
 def _load(opt: DemoOptions, kit: dict):
     from ..cli.personalize_cmd import device
     from ..training.conditioning import encode_prompt, load_conditioning
-    from ..training.standalone import load_flux, load_vae
+    from ..training.standalone import load_transformer, load_vae
 
     dev = device(opt.device)
-    backend, _ = load_flux(kit["flux"], opt.dtype, dev)
+    backend, _ = load_transformer(kit["flux"], opt.dtype, dev)
     vae = load_vae(kit["vae"], dev)
     if kit["conditioning"]:
         cond = load_conditioning(kit["conditioning"], backend.dims)

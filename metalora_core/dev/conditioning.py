@@ -8,13 +8,13 @@ from pathlib import Path
 
 import torch
 
-from ..flux_model import read_flux_dims
+from ..model_files import read_model_dims
 from ..training.conditioning import save_conditioning
 from ..training.protocol import TextConditioning
 
 
 def random_conditioning(model_path: str | os.PathLike, tokens: int = 16, seed: int = 0) -> TextConditioning:
-    dims, _ = read_flux_dims(model_path)
+    dims, _ = read_model_dims(model_path)
     g = torch.Generator().manual_seed(seed)
     pooled = torch.randn(dims.vec_dim, generator=g) if dims.vec_dim else None
     return TextConditioning(torch.randn(tokens, dims.context_dim, generator=g), pooled)

@@ -7,8 +7,9 @@ import os
 import torch
 
 from ..adapter import AdapterShape
-from ..flux_model import read_flux_dims
 from ..formats import SOURCE_KEY, IdentityAdapter, LoMD
+from ..model_files import read_model_dims
+from ..models import family_of
 from ..targets import DEFAULT_PRESET, FluxDims, resolve_targets
 
 
@@ -20,9 +21,9 @@ def random_lomd(
 ) -> LoMD:
     """Orthonormal-row random Downs (as a meta-learned Down is well conditioned) for the model's targets."""
     shape = shape or AdapterShape()
-    dims, _ = read_flux_dims(model_path)
+    dims, _ = read_model_dims(model_path)
     downs = orthonormal_downs(dims, shape.rank_down, preset, seed)
-    return LoMD(downs, shape, "flux", dims.hidden, {SOURCE_KEY: "random"})
+    return LoMD(downs, shape, family_of(dims).name, dims.hidden, {SOURCE_KEY: "random"})
 
 
 def orthonormal_downs(
@@ -41,12 +42,18 @@ def random_adapter(
     lomd: LoMD, model_path: str | os.PathLike, seed: int = 0, up_std: float = 0.02
 ) -> IdentityAdapter:
     """An identity adapter with non-zero Up, so patching visibly changes the model."""
-    dims, _ = read_flux_dims(model_path)
+    dims, _ = read_model_dims(model_path)
     shapes = {t.name: t.out_features for t in resolve_targets(dims, "all_linear")}
     g = torch.Generator().manual_seed(seed)
     r_m, r_d = lomd.shape.rank_mid, lomd.shape.rank_down
     mids = {n: torch.randn(r_m, r_d, generator=g) / r_d**0.5 for n in lomd.targets}
     ups = {n: up_std * torch.randn(shapes[n], r_m, generator=g) for n in lomd.targets}
     return IdentityAdapter(
-        mids, ups, lomd.shape, lomd.fingerprint, {"dev": "random-adapter", "seed": seed}, "flux", dims.hidden
+        mids,
+        ups,
+        lomd.shape,
+        lomd.fingerprint,
+        {"dev": "random-adapter", "seed": seed},
+        family_of(dims).name,
+        dims.hidden,
     )

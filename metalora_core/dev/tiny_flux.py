@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..flux_model import save_diffusers_config
+from ..model_files import save_diffusers_config
 from ..safeio import save_tensors
 from ..targets import FluxDims, bfl_to_diffusers, resolve_targets
 

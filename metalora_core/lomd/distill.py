@@ -32,6 +32,7 @@ from ..adapter import AdapterShape
 from ..errors import MetaLoRAError
 from ..formats import PROVENANCE_KEY, SOURCE_KEY, LoMD
 from ..loras import LoraFile, LoraLayer, LoraReadError, content_hash, iter_layers, scan_loras
+from ..models import family_of
 from ..targets import DEFAULT_PRESET, FluxDims, resolve_targets
 from .seeded import seeded_down
 
@@ -187,7 +188,7 @@ def distill_lomd(
     del sketches
     energy = _energy_pass(used, downs, names, len(files), total, on_progress, check)
     shape = AdapterShape(config.rank_down, config.rank_mid)
-    lomd = LoMD(downs, shape, "flux", dims.hidden, {})
+    lomd = LoMD(downs, shape, family_of(dims).name, dims.hidden, {})
     hashes = [(f.path, content_hash(f.path)) for f in used]
     report = DistillReport(lomd, hashes, skipped, uncovered, energy)
     provenance = {

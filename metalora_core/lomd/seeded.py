@@ -16,12 +16,19 @@ import torch
 from ..adapter import AdapterShape
 from ..errors import MetaLoRAError
 from ..formats import PROVENANCE_KEY, SOURCE_KEY, LoMD
+from ..models import family_of, family_of_targets
+from ..models.qwen_image import QwenImageDims
 from ..targets import DEFAULT_PRESET, FluxDims, resolve_targets
 
 # FLUX.1 [dev] / [schnell] sizes, so a seeded LoMD needs no 24 GB checkpoint on disk (`--model FLUX`).
 # hidden, mlp_hidden, double blocks, single blocks, latent channels, T5 width, CLIP width, guidance, out
 FLUX1_DIMS = FluxDims(3072, 12288, 19, 38, 16, 4096, 768, True, 16)
-KNOWN_MODELS = {
+# Qwen-Image's sizes (`--model qwen-image`): hidden, MLP, 60 blocks, latent channels, Qwen2.5-VL width, out
+QWEN_IMAGE_DIMS = QwenImageDims(3072, 12288, 60, 16, 3584, 16)
+KNOWN_MODELS: dict[str, FluxDims | QwenImageDims] = {
+    "qwen-image": QWEN_IMAGE_DIMS,
+    "qwen_image": QWEN_IMAGE_DIMS,
+    "qwenimage": QWEN_IMAGE_DIMS,
     "flux": FLUX1_DIMS,
     "flux1": FLUX1_DIMS,
     "flux.1": FLUX1_DIMS,
@@ -32,8 +39,8 @@ KNOWN_MODELS = {
 }
 
 
-def known_dims(name: str) -> FluxDims | None:
-    """Sizes of a model named on the command line (``FLUX``, ``flux1-dev``...), or None for a path."""
+def known_dims(name: str) -> FluxDims | QwenImageDims | None:
+    """Sizes of a model named on the command line (``FLUX``, ``flux1-dev``, ``qwen-image``), or None for a path."""
     return KNOWN_MODELS.get(name.strip().lower())
 
 
@@ -66,12 +73,16 @@ def seeded_lomd_for_shapes(
         SOURCE_KEY: "seeded",
         PROVENANCE_KEY: json.dumps({"seed": seed, "prior": "none (orthonormal random Down)"}),
     }
-    return LoMD(downs, shape, "flux", hidden, meta)
+    return LoMD(downs, shape, family_of_targets(downs).name, hidden, meta)
 
 
 def seeded_lomd(
-    dims: FluxDims, shape: AdapterShape | None = None, preset: str = DEFAULT_PRESET, seed: int = 0
+    dims: FluxDims | QwenImageDims,
+    shape: AdapterShape | None = None,
+    preset: str = DEFAULT_PRESET,
+    seed: int = 0,
 ) -> LoMD:
-    """A seeded LoMD for a FLUX of these sizes and a target preset (or list of layer names/patterns)."""
+    """A seeded LoMD for a model of these sizes and a target preset (or list of layer names/patterns)."""
+    family_of(dims)  # an unknown kind of sizes fails here, by name
     shapes = {t.name: (t.out_features, t.in_features) for t in resolve_targets(dims, preset)}
     return seeded_lomd_for_shapes(shapes, shape or AdapterShape(), seed, dims.hidden)

@@ -1,7 +1,8 @@
-"""Read standard FLUX LoRA files (kohya, ComfyUI, diffusers/peft), one file and one layer at a time.
+"""Read standard LoRA files (kohya, ComfyUI, diffusers/peft) of FLUX.1 or Qwen-Image, one file and one
+layer at a time.
 
-Every layout is mapped onto canonical (BFL) layer names with the project's key mapping in
-:mod:`metalora_core.targets`. What a reader gets per layer are the exact factors: for each *piece* (one
+Every layout is mapped onto canonical layer names with the key mapping of the model's family
+(:mod:`metalora_core.models`). What a reader gets per layer are the exact factors: for each *piece* (one
 fused layer, or one diffusers module split out of it) ``up``, ``down``, ``scale = alpha / rank`` and the
 row slice of the fused weight it writes, so that ``delta_W[rows] += scale * up @ down`` exactly.
 
@@ -28,20 +29,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..errors import MetaLoRAError
-from ..targets import (
-    DOUBLE_ATTN,
-    DOUBLE_MLP,
-    DOUBLE_MOD,
-    SINGLE_CORE,
-    SINGLE_MOD,
-    FluxDims,
-    canonical_from_diffusers,
-    canonical_from_kohya,
-    canonical_from_kohya_diffusers,
-    diffusers_pieces,
-    layer_shape,
-    split_layer_name,
-)
+from ..models import FAMILIES, ModelFamily, family_named, family_of
+from ..models.family import LoraPlace
+from ..targets import FluxDims, diffusers_pieces, layer_shape, split_layer_name
 
 
 class LoraReadError(MetaLoRAError):
@@ -74,13 +64,7 @@ _SUFFIXES = (
 _WRAPPERS = ("model.diffusion_model.", "diffusion_model.", "base_model.model.", "transformer.")
 _TEXT_ENCODER = re.compile(r"^(lora_te\d?_|text_encoder(_\d)?\.|te\d?\.|lora_te_text_model)")
 _SD_UNET = re.compile(r"(down_blocks|up_blocks|mid_block|input_blocks|output_blocks|middle_block)")
-# FLUX layers outside the blocks (embedders, final layer): real FLUX LoRAs may train them; no LoMD covers them
-_FLUX_GLOBAL = re.compile(
-    r"^(lora_unet_|lora_transformer_)?(img_in|txt_in|time_in|vector_in|guidance_in|final_layer|x_embedder|"
-    r"context_embedder|proj_out|norm_out|time_text_embed)([._]|$)"
-)
 _OTHER_ADAPTERS = ("lokr_w1", "lokr_w2", "hada_w1_a", "hada_w2_a", "dora_scale", ".oft_", "lora_mid.weight")
-_LAYERS = {"double_blocks": DOUBLE_ATTN + DOUBLE_MLP + DOUBLE_MOD, "single_blocks": SINGLE_CORE + SINGLE_MOD}
 
 
 @dataclass(frozen=True)
@@ -160,7 +144,8 @@ class LoraFile:
     shapes: dict[str, tuple[int, ...]]
     splits: dict[str, bool]
     ignored: list[str] = field(default_factory=list)
-    dims: FluxDims | None = None
+    dims: object | None = None
+    family: str = "flux"
 
     @property
     def layer_names(self) -> list[str]:
@@ -172,10 +157,10 @@ class LoraFile:
             return None
         return diffusers_pieces(name, self._dims())[piece][1]
 
-    def _dims(self) -> FluxDims:
+    def _dims(self):
         if self.dims is not None:
             return self.dims
-        return FluxDims(self.hidden, self.mlp_hidden, 0, 0, 0, 0, 0, False, 0)
+        return family_named(self.family).dims_for_lora(self.hidden, self.mlp_hidden)
 
     def layer_shape(self, name: str) -> tuple[int, int]:
         return layer_shape(self._dims(), name)
@@ -188,28 +173,27 @@ def _unwrap(prefix: str) -> str:
     return prefix
 
 
-def _place(prefix: str) -> tuple[str, int, bool, str] | None:
-    """(canonical name, piece index, split?, layout) for one key prefix, or None."""
-    if prefix.startswith("lora_unet_"):
-        name = canonical_from_kohya(prefix)
-        return (name, 0, False, "kohya") if name else None
-    if prefix.startswith("lora_transformer_"):
-        hit = canonical_from_kohya_diffusers(prefix)
-        return (hit[0], hit[1], True, "kohya-diffusers") if hit else None
-    prefix = _unwrap(prefix)
-    m = re.fullmatch(r"(double_blocks|single_blocks)\.(\d+)\.(.+)", prefix)
-    if m and m.group(3) in _LAYERS[m.group(1)]:
-        return prefix, 0, False, "comfyui"
-    hit = canonical_from_diffusers(prefix)
-    if hit:
-        split = len(_piece_names(hit[0])) > 1
-        return hit[0], hit[1], split, "diffusers"
-    return None
+def _place(prefix: str, family: ModelFamily) -> LoraPlace | None:
+    """Where one key prefix lands in ``family``'s layers (any wrapper removed first), or None."""
+    if prefix.startswith(("lora_unet_", "lora_transformer_", "lycoris_")):
+        return family.place_lora_prefix(prefix)
+    return family.place_lora_prefix(_unwrap(prefix))
 
 
-def _piece_names(name: str) -> list[str]:
-    """Module names of a canonical layer's diffusers pieces (sizes do not matter for the names)."""
-    return [m for m, _ in diffusers_pieces(name, FluxDims(128, 512, 0, 0, 0, 0, 0, False, 0))]
+def _guess_family(meta: dict[str, str], prefixes: list[str]) -> ModelFamily:
+    """A LoRA file's family when no model is given: its kohya metadata, else the family whose layers place
+    keys the others cannot (plain attention keys are valid in both and default to FLUX.1)."""
+    version = meta.get("ss_base_model_version", "")
+    for family in FAMILIES.values():
+        if version == family.lora_base_version:
+            return family
+    flux = family_named("flux")
+    for family in FAMILIES.values():
+        if family is not flux and any(
+            _place(p, family) is not None and _place(p, flux) is None for p in prefixes
+        ):
+            return family
+    return flux
 
 
 def _split_key(key: str) -> tuple[str, str] | None:
@@ -229,40 +213,25 @@ def _header(path: Path) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
     return meta, shapes
 
 
-def _infer_sizes(path: Path, placed: dict[str, dict[int, _PieceKeys]], shapes, splits) -> tuple[int, int]:
-    """Hidden and MLP width from the factors' shapes (every FLUX layer but mlp.2/linear2 reads hidden)."""
-    hidden: set[int] = set()
-    mlp: set[int] = set()
-    for name, pieces in placed.items():
-        layer = split_layer_name(name)[2]
-        for index, keys in pieces.items():
-            in_f = shapes[keys.down][1]
-            out_f = shapes[keys.up][0]
-            if layer in ("img_mlp.2", "txt_mlp.2"):
-                mlp.add(in_f)
-            elif layer == "linear2":
-                pass
-            else:
-                hidden.add(in_f)
-            if layer in ("img_mlp.0", "txt_mlp.0"):
-                mlp.add(out_f)
-            if layer == "linear1" and splits[name] and index == 3:
-                mlp.add(out_f)
+def _infer_sizes(
+    path: Path, placed: dict[str, dict[int, _PieceKeys]], shapes, splits, family: ModelFamily
+) -> tuple[int, int]:
+    """Hidden and MLP width from the factors' shapes (the family knows which layers read which width)."""
+    pieces = [
+        (name, index, splits[name], shapes[keys.down][1], shapes[keys.up][0])
+        for name, per_piece in placed.items()
+        for index, keys in per_piece.items()
+    ]
+    hidden, mlp = family.lora_sizes(pieces)
     if len(hidden) > 1:
         raise DamagedLoraError(path, f"layers disagree on the model width ({sorted(hidden)}); broken shapes")
-    if not hidden:  # only mlp.2 / linear2 layers: hidden = linear2 input - mlp
-        for name, pieces in placed.items():
-            if split_layer_name(name)[2] == "linear2":
-                in_f = shapes[next(iter(pieces.values())).down][1]
-                h = in_f // 5
-                hidden.add(h)
-        if not hidden:
-            hidden.add(shapes[next(iter(next(iter(placed.values())).values())).up][0])
+    if not hidden:
+        hidden.add(shapes[next(iter(next(iter(placed.values())).values())).up][0])
     h = hidden.pop()
     return h, (mlp.pop() if len(mlp) == 1 else 4 * h)
 
 
-def scan_lora(path: str | os.PathLike, dims: FluxDims | None = None) -> LoraFile:
+def scan_lora(path: str | os.PathLike, dims=None) -> LoraFile:
     """Read a LoRA file's header: place every key, check every shape, name foreign or broken files.
 
     ``dims`` (the model's sizes) makes the width and depth checks strict; without it the sizes are read
@@ -293,17 +262,18 @@ def scan_lora(path: str | os.PathLike, dims: FluxDims | None = None) -> LoraFile
     placed: dict[str, dict[int, _PieceKeys]] = {}
     splits: dict[str, bool] = {}
     layouts: set[str] = set()
+    family = family_of(dims) if dims is not None else _guess_family(meta, list(groups))
     for prefix, keys in groups.items():
-        where = _place(prefix)
-        if where is None and _FLUX_GLOBAL.match(_unwrap(prefix)):
+        where = _place(prefix, family)
+        if where is None and family.global_layers.match(_unwrap(prefix)):
             ignored += [k for k in (keys.down, keys.up, keys.alpha) if k]
             continue
         if where is None:
-            guess = "an SD/SDXL UNet" if _SD_UNET.search(prefix) else "a model other than FLUX.1"
+            guess = "an SD/SDXL UNet" if _SD_UNET.search(prefix) else f"a model other than {family.label}"
             raise ForeignLoraError(
-                path, f"key '{prefix}' is not a FLUX.1 transformer layer; this is a LoRA for {guess}"
+                path, f"key '{prefix}' is not a {family.label} transformer layer; this is a LoRA for {guess}"
             )
-        name, index, split, layout = where
+        name, index, split, layout = where.name, where.piece, where.split, where.layout
         layouts.add(layout)
         if keys.down is None or keys.up is None:
             raise DamagedLoraError(
@@ -313,7 +283,9 @@ def scan_lora(path: str | os.PathLike, dims: FluxDims | None = None) -> LoraFile
             raise DamagedLoraError(path, f"layer '{name}' appears twice (fused and split, or a repeated key)")
         placed.setdefault(name, {})[index] = keys
     if not placed:
-        raise ForeignLoraError(path, "no FLUX.1 transformer layer found (text-encoder-only or not a LoRA)")
+        raise ForeignLoraError(
+            path, f"no {family.label} transformer layer found (text-encoder-only or not a LoRA)"
+        )
     for pieces in placed.values():
         for keys in pieces.values():
             ds, us = shapes[keys.down], shapes[keys.up]
@@ -323,7 +295,7 @@ def scan_lora(path: str | os.PathLike, dims: FluxDims | None = None) -> LoraFile
                 raise DamagedLoraError(
                     path, f"'{keys.alpha}' should be a scalar, has shape {shapes[keys.alpha]}"
                 )
-    hidden, mlp = _infer_sizes(path, placed, shapes, splits)
+    hidden, mlp = _infer_sizes(path, placed, shapes, splits, family)
     if dims is not None and (dims.hidden, dims.mlp_hidden) != (hidden, mlp):
         raise ForeignLoraError(
             path,
@@ -331,11 +303,21 @@ def scan_lora(path: str | os.PathLike, dims: FluxDims | None = None) -> LoraFile
             f"(MLP {dims.mlp_hidden}). It is a LoRA for another base model",
         )
     lora = LoraFile(
-        str(path), "+".join(sorted(layouts)), meta, hidden, mlp, placed, shapes, splits, ignored, dims
+        str(path),
+        "+".join(sorted(layouts)),
+        meta,
+        hidden,
+        mlp,
+        placed,
+        shapes,
+        splits,
+        ignored,
+        dims,
+        family.name,
     )
     for name, pieces in placed.items():
         kind, index, _ = split_layer_name(name)
-        if dims is not None and index >= (dims.depth if kind == "double_blocks" else dims.depth_single):
+        if dims is not None and index >= family.block_count(dims, kind):
             raise ForeignLoraError(path, f"layer '{name}' does not exist in this model (too few {kind})")
         out_f, in_f = lora.layer_shape(name)
         for piece, keys in pieces.items():

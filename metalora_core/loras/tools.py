@@ -19,8 +19,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..errors import MetaLoRAError
-from ..flux_model import read_flux_dims
 from ..formats import save_lora
+from ..model_files import read_model_dims
 from ..targets import FluxDims, resolve_targets
 from .lowrank import Factors, Truncation, choose_rank, compress, dense_svd, truncate, weighted_sum
 from .read import LoraFile, content_hash, iter_layers, scan_lora
@@ -230,8 +230,8 @@ def extract(
     ComfyUI single files; they are never loaded whole."""
     if rank < 1:
         raise MetaLoRAError(f"extract: rank {rank}; use 1 or more (with an energy fraction it is the cap)")
-    dims_b, layout_b = read_flux_dims(base)
-    dims_t, layout_t = read_flux_dims(tuned)
+    dims_b, layout_b = read_model_dims(base)
+    dims_t, layout_t = read_model_dims(tuned)
     if "diffusers" in (layout_b, layout_t):
         raise MetaLoRAError("extract reads BFL / ComfyUI single-file FLUX checkpoints, not diffusers folders")
     if dims_b != dims_t:

@@ -134,6 +134,6 @@ def bank_adapters(
         training = {"method": "metalora-stage1-head", "identity": name, "steps": int(bank[f"{i}.step"])}
         meta = {SOURCE_KEY: lomd.origin}
         out[name] = IdentityAdapter(
-            mids, ups, shape, lomd.fingerprint, training, "flux", lomd.hidden_size, meta
+            mids, ups, shape, lomd.fingerprint, training, lomd.base_arch, lomd.hidden_size, meta
         )
     return out

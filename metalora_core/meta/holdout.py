@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..formats import LoMD
-from ..training.diffusers_backend import DiffusersFluxBackend
+from ..training.diffusers_backend import DiffusersBackend
 from ..training.lora_baseline import train_lora_baseline
 from ..training.personalize import PersonalizeConfig, personalize
 from ..training.protocol import TextConditioning
@@ -40,7 +40,7 @@ class HoldoutCheck:
     def due(self, step: int) -> bool:
         return self.every > 0 and step % self.every == 0
 
-    def run(self, backend: DiffusersFluxBackend, lomd: LoMD, step: int) -> dict[str, object]:
+    def run(self, backend: DiffusersBackend, lomd: LoMD, step: int) -> dict[str, object]:
         """Personalize and LoRA-train each held-out identity for ``steps``; log mean final losses."""
         config = PersonalizeConfig(steps=self.steps, lr=self.lr, warmup_steps=0, seed=self.seed)
         tail = max(1, self.steps // 4)

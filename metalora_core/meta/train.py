@@ -27,8 +27,9 @@ from torch import nn
 from ..adapter import AdapterShape
 from ..dev.random_assets import orthonormal_downs
 from ..errors import MetaLoRAError
-from ..flux_model import fused_shapes
 from ..formats import PROVENANCE_KEY, SOURCE_KEY, LoMD, check_lomd_fits, load_lomd
+from ..model_files import fused_shapes
+from ..models import family_of
 from ..targets import DEFAULT_PRESET, resolve_targets
 from ..training.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from ..training.loop import LoopSettings
@@ -194,7 +195,9 @@ class MetaTrainer:
         downs = {n: p.detach().float().cpu().clone() for n, p in self.downs.items()}
         provenance = {"init": self.init_info, "steps": self.step, "identities": len(self.identities)}
         meta = {SOURCE_KEY: "meta-trained", PROVENANCE_KEY: json.dumps(provenance)}
-        return LoMD(downs, self.config.shape, "flux", self.backend.dims.hidden, meta)
+        return LoMD(
+            downs, self.config.shape, family_of(self.backend.dims).name, self.backend.dims.hidden, meta
+        )
 
     # --- training ----------------------------------------------------------------------------------
 
@@ -209,7 +212,13 @@ class MetaTrainer:
             x0 = torch.stack([self.prepared.latents[i] for _, i in slots]).to(self.backend.device)
             gens = [slot_generator(self.config.seed, step, p) for p, _ in slots]
             hw = (x0.shape[2], x0.shape[3])
-            t = torch.cat([sample_timesteps(1, hw, g, self.config.timestep_shift) for g in gens])
+            shift_range = family_of(self.backend.dims).shift_range
+            t = torch.cat(
+                [
+                    sample_timesteps(1, hw, g, self.config.timestep_shift, shift_range=shift_range)
+                    for g in gens
+                ]
+            )
             noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens])
             with self.backend.adapters(heads[identity]):
                 with torch.autocast(self.backend.device.type, dtype=torch.bfloat16, enabled=self.config.bf16):

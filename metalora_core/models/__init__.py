@@ -6,7 +6,7 @@ tensors (:func:`detect_family`); see :mod:`.family` for what a family defines.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from ..errors import MetaLoRAError
 from .family import LoraPlace, ModelFamily, Target
@@ -29,6 +29,16 @@ def family_of(dims: object) -> ModelFamily:
     return family_named(getattr(dims, "family", None))
 
 
+def family_of_targets(names: Iterable[str]) -> ModelFamily:
+    """The family whose canonical layer names these are (files written before Qwen-Image say no family)."""
+    for name in names:
+        if QWEN_IMAGE.place_lora_prefix(name) is not None:
+            return QWEN_IMAGE  # type: ignore[return-value]
+        if name.startswith(("double_blocks.", "single_blocks.")):
+            return FLUX  # type: ignore[return-value]
+    return FLUX  # type: ignore[return-value]
+
+
 def detect_family(shapes: Mapping[str, object], source: str = "model") -> ModelFamily:
     """The family whose checkpoint layout these tensor names are (most specific first)."""
     for family in (QWEN_IMAGE, FLUX):
@@ -40,4 +50,13 @@ def detect_family(shapes: Mapping[str, object], source: str = "model") -> ModelF
     )
 
 
-__all__ = ["FAMILIES", "LoraPlace", "ModelFamily", "Target", "detect_family", "family_named", "family_of"]
+__all__ = [
+    "FAMILIES",
+    "LoraPlace",
+    "ModelFamily",
+    "Target",
+    "detect_family",
+    "family_named",
+    "family_of",
+    "family_of_targets",
+]

@@ -70,7 +70,9 @@ class ModelFamily(Protocol):
     def owns(self, shapes: Mapping[str, object]) -> bool: ...
     def dims_from_shapes(self, shapes: Mapping[str, object], source: str) -> tuple[Any, str]: ...
     def place_lora_prefix(self, prefix: str) -> LoraPlace | None: ...
-    def lora_sizes(self, layer: str, piece: int, split: bool, in_f: int, out_f: int) -> tuple[str, int] | None: ...
+    def lora_sizes(
+        self, layer: str, piece: int, split: bool, in_f: int, out_f: int
+    ) -> tuple[str, int] | None: ...
     def diffusers_class(self) -> type: ...
     def diffusers_config(self, dims: Any) -> dict[str, object]: ...
     def to_diffusers(self, state_dict: Mapping[str, torch.Tensor], layout: str, source: str) -> dict: ...
@@ -95,7 +97,9 @@ def count_blocks(keys: Iterable[str], prefix: str) -> int:
 def tensor_shape(tensors: Mapping[str, object], key: str, source: str, label: str) -> tuple[int, ...]:
     """The shape under ``key`` (a tensor or a shape tuple), or an error naming the file and the key."""
     if key not in tensors:
-        raise MetaLoRAError(f"{source}: key '{key}' is missing; this does not look like a complete {label} model")
+        raise MetaLoRAError(
+            f"{source}: key '{key}' is missing; this does not look like a complete {label} model"
+        )
     value = tensors[key]
     return tuple(value.shape) if hasattr(value, "shape") else tuple(value)  # type: ignore[arg-type]
 
@@ -113,7 +117,9 @@ def strip_prefixes(state_dict: Mapping[str, Any], prefixes: Iterable[str]) -> di
     return out
 
 
-def match_targets(every: list[str], preset: str | Iterable[str], presets: Iterable[str], label: str, example: str) -> list[str]:
+def match_targets(
+    every: list[str], preset: str | Iterable[str], presets: Iterable[str], label: str, example: str
+) -> list[str]:
     """Names of an explicit list of layer names / regular expressions, in the order given."""
     patterns = [preset] if isinstance(preset, str) else list(preset)
     names: list[str] = []

@@ -17,7 +17,16 @@ from typing import ClassVar
 import torch
 
 from ..errors import MetaLoRAError
-from .family import LoraPlace, Target, count_blocks, linear_mu, match_targets, pack_2x2, strip_prefixes, unpack_2x2
+from .family import (
+    LoraPlace,
+    Target,
+    count_blocks,
+    linear_mu,
+    match_targets,
+    pack_2x2,
+    strip_prefixes,
+    unpack_2x2,
+)
 from .family import tensor_shape as _family_shape
 
 DOUBLE_ATTN = ("img_attn.qkv", "img_attn.proj", "txt_attn.qkv", "txt_attn.proj")
@@ -527,13 +536,30 @@ class FluxFamily:
     def diffusers_config(self, dims: FluxDims) -> dict[str, object]:
         return diffusers_config_for(dims)
 
+    def finish_meta_model(self, model, dims: FluxDims) -> None:
+        """Nothing to rebuild: FLUX's RoPE is computed in every forward."""
+
     def to_diffusers(self, state_dict: Mapping[str, torch.Tensor], layout: str, source: str) -> dict:
         return bfl_to_diffusers(state_dict, source) if layout == "bfl" else dict(state_dict)
 
-    def standalone_backend(self) -> type:
-        from ..training.diffusers_backend import DiffusersFluxBackend
-
-        return DiffusersFluxBackend
+    def model_inputs(self, x_t, t, cond, guidance, dims: FluxDims, device, dtype) -> dict:
+        """``FluxTransformer2DModel`` keyword inputs for unpacked latents ``x_t`` at flow times ``t``;
+        ``guidance`` goes to the guidance embedder (None: the model has none)."""
+        b, _, h, w = x_t.shape
+        context, pooled = cond.batch(b, device, dtype)
+        if pooled is None and dims.vec_dim:
+            pooled = torch.zeros(b, dims.vec_dim, device=device, dtype=dtype)
+        kwargs = {
+            "hidden_states": pack_latents(x_t.to(device, dtype)),
+            "encoder_hidden_states": context,
+            "pooled_projections": pooled,
+            "timestep": t.to(device, dtype).reshape(b),
+            "img_ids": image_ids(h, w, device, dtype),
+            "txt_ids": torch.zeros(context.shape[1], 3, device=device, dtype=dtype),
+        }
+        if guidance is not None:
+            kwargs["guidance"] = torch.full((b,), float(guidance), device=device, dtype=dtype)
+        return kwargs
 
     def pack(self, latents: torch.Tensor) -> torch.Tensor:
         return pack_latents(latents)

@@ -100,7 +100,9 @@ class QwenImageDims:
         """RoPE axes (frame, row, column): Qwen-Image's (16, 56, 56) for head size 128, the same split
         (1/8, 7/16, 7/16) for smaller test models."""
         if self.head_dim % 32:
-            raise MetaLoRAError(f"Qwen-Image head size must be a multiple of 32, this model has {self.head_dim}")
+            raise MetaLoRAError(
+                f"Qwen-Image head size must be a multiple of 32, this model has {self.head_dim}"
+            )
         return (self.head_dim // 8, 7 * self.head_dim // 16, 7 * self.head_dim // 16)
 
 
@@ -141,7 +143,9 @@ def dims_from_shapes(shapes: Mapping[str, object], source: str = "model") -> Qwe
     hidden, in_flat = tensor_shape(keys, "img_in.weight", source, LABEL)
     depth = count_blocks(keys, f"{BLOCKS}.")
     if not depth:
-        raise MetaLoRAError(f"{source}: no transformer_blocks; this does not look like a complete {LABEL} model")
+        raise MetaLoRAError(
+            f"{source}: no transformer_blocks; this does not look like a complete {LABEL} model"
+        )
     return QwenImageDims(
         hidden=hidden,
         mlp_hidden=tensor_shape(keys, f"{BLOCKS}.0.img_mlp.net.0.proj.weight", source, LABEL)[0],
@@ -186,7 +190,11 @@ def _from_joined(text: str, sep: str) -> str | None:
 def place_lora_prefix(prefix: str) -> LoraPlace | None:
     """Where a Qwen-Image LoRA key prefix (wrappers already removed) lands: kohya ``lora_unet_``, kohya
     over diffusers names ``lora_transformer_``, SimpleTuner ``lycoris_`` or diffusers / peft dotted names."""
-    for head, layout in (("lora_unet_", "kohya"), ("lora_transformer_", "kohya-diffusers"), ("lycoris_", "lycoris")):
+    for head, layout in (
+        ("lora_unet_", "kohya"),
+        ("lora_transformer_", "kohya-diffusers"),
+        ("lycoris_", "lycoris"),
+    ):
         if prefix.startswith(head):
             name = _from_joined(prefix[len(head) :], "_")
             return LoraPlace(name, 0, False, layout) if name else None
@@ -225,7 +233,9 @@ class QwenImageFamily:
         r"^(lora_unet_|lora_transformer_|lycoris_)?(img_in|txt_in|txt_norm|time_text_embed|norm_out|proj_out)([._]|$)"
     )
 
-    def resolve_targets(self, dims: QwenImageDims, preset: str | Iterable[str] = DEFAULT_PRESET) -> list[Target]:
+    def resolve_targets(
+        self, dims: QwenImageDims, preset: str | Iterable[str] = DEFAULT_PRESET
+    ) -> list[Target]:
         return resolve_targets(dims, preset)
 
     def layer_shape(self, dims: QwenImageDims, name: str) -> tuple[int, int]:
@@ -262,15 +272,31 @@ class QwenImageFamily:
     def diffusers_config(self, dims: QwenImageDims) -> dict[str, object]:
         return diffusers_config_for(dims)
 
+    def finish_meta_model(self, model, dims: QwenImageDims) -> None:
+        """A model built on the meta device and loaded with ``assign=True`` keeps its RoPE tables (plain
+        attributes, not state) on meta: build them again, on the CPU."""
+        from diffusers.models.transformers.transformer_qwenimage import QwenEmbedRope
+
+        model.pos_embed = QwenEmbedRope(theta=10000, axes_dim=list(dims.axes_dims_rope), scale_rope=True)
+
     def to_diffusers(self, state_dict: Mapping[str, torch.Tensor], layout: str, source: str) -> dict:
         sd = strip_prefixes(state_dict, CHECKPOINT_PREFIXES)
         sd.pop("__index_timestep_zero__", None)  # ComfyUI's marker of the 2511 edit model, not a weight
         return sd
 
-    def standalone_backend(self) -> type:
-        from ..training.qwen_image_backend import DiffusersQwenImageBackend
-
-        return DiffusersQwenImageBackend
+    def model_inputs(self, x_t, t, cond, guidance, dims: QwenImageDims, device, dtype) -> dict:
+        """``QwenImageTransformer2DModel`` keyword inputs for unpacked latents ``x_t`` at flow times ``t``:
+        the model builds its RoPE from ``img_shapes`` and the text length (no padding mask: every token of
+        one encoded prompt is real). There is no guidance embedder."""
+        b, _, h, w = x_t.shape
+        context, _ = cond.batch(b, device, dtype)
+        return {
+            "hidden_states": pack_2x2(x_t.to(device, dtype)),
+            "encoder_hidden_states": context,
+            "encoder_hidden_states_mask": None,
+            "timestep": t.to(device, dtype).reshape(b),
+            "img_shapes": [[(1, h // 2, w // 2)]] * b,
+        }
 
     def pack(self, latents: torch.Tensor) -> torch.Tensor:
         return pack_2x2(latents)

@@ -1,11 +1,14 @@
-"""The standalone training backend: diffusers' ``FluxTransformer2DModel``.
+"""The standalone training backend: the family's diffusers transformer (``FluxTransformer2DModel``,
+``QwenImageTransformer2DModel``).
 
-It speaks FLUX's conventions so the loop does not have to: VAE latents ``(B, C, H, W)`` are packed into
-2x2 patches (``(B, H/2 * W/2, 4C)``, diffusers' pipeline layout), image RoPE ids are ``(0, row, col)`` and
-text ids zero, ``t`` in [0, 1] is passed as is (the model multiplies by 1000 itself, as its pipeline
-expects), and the guidance value goes to the guidance embedder when the model has one (FLUX.1-dev).
+The family speaks its model's conventions so the loop does not have to (``model_inputs`` in
+:mod:`metalora_core.models`): for FLUX, VAE latents ``(B, C, H, W)`` are packed into 2x2 patches
+(``(B, H/2 * W/2, 4C)``, diffusers' pipeline layout), image RoPE ids are ``(0, row, col)`` and text ids
+zero, ``t`` in [0, 1] is passed as is (the model multiplies by 1000 itself, as its pipeline expects), and
+the guidance value goes to the guidance embedder when the model has one (FLUX.1-dev). Qwen-Image packs the
+same way and passes image shapes instead of ids.
 
-diffusers' FLUX blocks are out-of-place (``hidden_states = hidden_states + ...``), so autograd through them,
+diffusers' FLUX and Qwen-Image blocks are out-of-place (``hidden_states = hidden_states + ...``), so autograd through them,
 checkpointed or not, is correct; the float64 finite-difference test in tests/training guards this.
 
 A forward with gradients enabled is a training forward: it runs under :func:`.attention.training_sdpa` (no
@@ -25,43 +28,20 @@ from torch.utils.checkpoint import checkpoint
 
 from ..adapter import IdentityHead
 from ..inject import attach_to_diffusers, detach_heads
-from ..targets import FluxDims
+from ..models import family_of
+from ..models.flux import image_ids, pack_latents, unpack_latents  # noqa: F401  (FLUX's, importable here)
 from .attention import training_sdpa
 from .precision import hooked_modules, store_layerwise
 from .protocol import TextConditioning
 
 
-def pack_latents(latents: torch.Tensor) -> torch.Tensor:
-    """``(B, C, H, W)`` -> ``(B, H/2 * W/2, 4C)``: FLUX's 2x2 patch tokens, row-major over the patch grid."""
-    b, c, h, w = latents.shape
-    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+class DiffusersBackend:
+    """:class:`~metalora_core.training.protocol.FluxBackend` on a diffusers transformer (frozen) of any family."""
 
-
-def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Inverse of :func:`pack_latents` for latents of ``height x width``."""
-    b, _, d = tokens.shape
-    c = d // 4
-    x = tokens.view(b, height // 2, width // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(b, c, height, width)
-
-
-def image_ids(height: int, width: int, device, dtype) -> torch.Tensor:
-    """RoPE positions ``(0, row, col)`` of the packed tokens of ``height x width`` latents."""
-    ids = torch.zeros(height // 2, width // 2, 3, device=device, dtype=dtype)
-    ids[..., 1] = torch.arange(height // 2, device=device, dtype=dtype)[:, None]
-    ids[..., 2] = torch.arange(width // 2, device=device, dtype=dtype)[None, :]
-    return ids.reshape(-1, 3)
-
-
-class DiffusersFluxBackend:
-    """:class:`~metalora_core.training.protocol.FluxBackend` on a diffusers FLUX transformer (frozen)."""
-
-    def __init__(
-        self, model: torch.nn.Module, dims: FluxDims, compute_dtype: torch.dtype | None = None
-    ) -> None:
+    def __init__(self, model: torch.nn.Module, dims, compute_dtype: torch.dtype | None = None) -> None:
         self.model = model.requires_grad_(False).eval()
         self.dims = dims
+        self.family = family_of(dims)
         first = next(model.parameters())
         self.device = first.device
         self.dtype = compute_dtype or first.dtype  # what layers compute in (fp8-stored weights: bf16)
@@ -77,48 +57,35 @@ class DiffusersFluxBackend:
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
         storage_dtype: torch.dtype | None = None,
-    ) -> DiffusersFluxBackend:
-        """Load a diffusers folder (pipeline or transformer) or a BFL / diffusers single file, offline.
+    ) -> DiffusersBackend:
+        """Load a diffusers folder (pipeline or transformer) or a single file of any family, offline.
 
         ``dtype`` is what layers compute in; ``storage_dtype`` (fp8), when given, is what weights are kept in
         between, through diffusers' layer-wise casting. The cast to fp8 happens on the CPU, before the model
         moves to ``device``: the device never holds the model at the compute dtype.
         """
-        from ..flux_model import load_diffusers_flux
+        from ..model_files import load_diffusers_model
 
         if storage_dtype is None or storage_dtype == dtype:
-            model, dims = load_diffusers_flux(path, dtype=dtype, device=device)
+            model, dims = load_diffusers_model(path, dtype=dtype, device=device)
             return cls(model, dims)
-        model, dims = load_diffusers_flux(path, dtype=dtype, device="cpu")
+        model, dims = load_diffusers_model(path, dtype=dtype, device="cpu")
         store_layerwise(model, storage_dtype, dtype)
         return cls(model.to(device), dims, compute_dtype=dtype)
 
     def velocity(
         self, x_t: torch.Tensor, t: torch.Tensor, cond: TextConditioning, guidance: float | None
     ) -> torch.Tensor:
-        b, _, h, w = x_t.shape
+        _, _, h, w = x_t.shape
         if h % 2 or w % 2:
-            raise ValueError(f"latents must have even height and width for FLUX's 2x2 packing, got {h}x{w}")
-        weight_dtype = self.dtype
-        context, pooled = cond.batch(b, self.device, weight_dtype)
-        if pooled is None and self.dims.vec_dim:
-            pooled = torch.zeros(b, self.dims.vec_dim, device=self.device, dtype=weight_dtype)
-        kwargs = {
-            "hidden_states": pack_latents(x_t.to(self.device, weight_dtype)),
-            "encoder_hidden_states": context,
-            "pooled_projections": pooled,
-            "timestep": t.to(self.device, weight_dtype).reshape(b),
-            "img_ids": image_ids(h, w, self.device, weight_dtype),
-            "txt_ids": torch.zeros(context.shape[1], 3, device=self.device, dtype=weight_dtype),
-            "return_dict": False,
-        }
-        if self.has_guidance:
-            kwargs["guidance"] = torch.full(
-                (b,), 1.0 if guidance is None else float(guidance), device=self.device, dtype=weight_dtype
+            raise ValueError(
+                f"latents must have even height and width for {self.family.label}'s 2x2 packing, got {h}x{w}"
             )
+        guide = (1.0 if guidance is None else guidance) if self.has_guidance else None  # None: unguided
+        kwargs = self.family.model_inputs(x_t, t, cond, guide, self.dims, self.device, self.dtype)
         with training_sdpa() if torch.is_grad_enabled() else nullcontext():
-            out = self.model(**kwargs)[0]
-        return unpack_latents(out, h, w)
+            out = self.model(**kwargs, return_dict=False)[0]
+        return self.family.unpack(out, h, w)
 
     @contextmanager
     def adapters(self, heads: Mapping[str, IdentityHead]) -> Iterator[None]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import MetaLoRAError
-from .objective import sample_timesteps
+from .objective import FLUX_SHIFT_RANGE, sample_timesteps
 
 
 class StepDraws:
@@ -31,10 +31,11 @@ class StepDraws:
         start: int,
         total: int,
         chunk: int = 32,
+        shift_range: tuple[int, int, float, float] = FLUX_SHIFT_RANGE,
     ) -> None:
         self.generator, self.views, self.batch = generator, views, batch
         self.latent_shape, self.shift, self.device = tuple(latent_shape), shift, device
-        self.total, self.chunk = total, max(1, chunk)
+        self.total, self.chunk, self.shift_range = total, max(1, chunk), shift_range
         self.first, self.states = start, []  # the current chunk: its first step and per-step states
         self.index = self.t = self.noise = torch.empty(0)
 
@@ -65,7 +66,7 @@ class StepDraws:
         for _ in range(min(self.chunk, self.total - step)):
             states.append(g.get_state())
             index.append(torch.randint(self.views, (self.batch,), generator=g))
-            t.append(sample_timesteps(self.batch, hw, g, self.shift))
+            t.append(sample_timesteps(self.batch, hw, g, self.shift, shift_range=self.shift_range))
             noise.append(torch.randn((self.batch, *self.latent_shape), generator=g))
         self.first, self.states = step, states
         self.index, self.t, self.noise = (_to_device(torch.stack(x), self.device) for x in (index, t, noise))

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import MetaLoRAError
+from ..models import family_of
 from .checkpoint import TrainState, load_checkpoint, save_checkpoint
 from .draws import StepDraws
 from .protocol import FluxBackend, Progress, TextConditioning, TrainingCancelled
@@ -139,6 +140,7 @@ def run_loop(
         backend.device,
         start,
         settings.steps,
+        shift_range=family_of(backend.dims).shift_range,
     )
     step_fn = TrainStep(
         backend,

@@ -19,7 +19,7 @@ from torch import nn
 from ..errors import MetaLoRAError
 from ..inject import _parent
 from ..targets import DEFAULT_PRESET, diffusers_pieces, resolve_targets
-from .diffusers_backend import DiffusersFluxBackend
+from .diffusers_backend import DiffusersBackend
 from .loop import run_loop
 from .personalize import PersonalizeConfig
 from .protocol import Progress, TextConditioning
@@ -36,9 +36,7 @@ class LoraBaselineResult:
     seconds: float
 
 
-def diffusers_modules(
-    backend: DiffusersFluxBackend, targets: Sequence[str] | str = DEFAULT_PRESET
-) -> list[str]:
+def diffusers_modules(backend: DiffusersBackend, targets: Sequence[str] | str = DEFAULT_PRESET) -> list[str]:
     """The diffusers module names behind canonical targets (split pieces each get their own LoRA)."""
     names = [t.name for t in resolve_targets(backend.dims, targets)] if isinstance(targets, str) else targets
     return [module for name in names for module, _ in diffusers_pieces(name, backend.dims)]
@@ -74,7 +72,7 @@ def peft_lora(model: nn.Module, modules: list[str], rank: int, alpha: float, see
 
 
 def train_lora_baseline(
-    backend: DiffusersFluxBackend,
+    backend: DiffusersBackend,
     views: Sequence[torch.Tensor],
     cond: TextConditioning,
     config: PersonalizeConfig | None = None,
@@ -86,7 +84,7 @@ def train_lora_baseline(
     weights: Sequence[torch.Tensor] | None = None,
 ) -> LoraBaselineResult:
     """Train a plain rank-``rank`` LoRA with the loop and settings :func:`personalize` uses."""
-    if not isinstance(backend, DiffusersFluxBackend):
+    if not isinstance(backend, DiffusersBackend):
         raise MetaLoRAError("the LoRA baseline needs the diffusers backend (peft wraps diffusers modules)")
     config = config or PersonalizeConfig()
     alpha = float(alpha if alpha is not None else rank)

@@ -1,32 +1,28 @@
-"""The rectified-flow objective FLUX is trained with, shared by personalization and meta-training.
+"""The rectified-flow objective FLUX.1 and Qwen-Image are trained with, shared by personalization and
+meta-training.
 
 ``x_t = (1 - t) x0 + t noise`` and the model predicts the velocity ``noise - x0``. Timesteps are drawn
-logit-normal (SD3 / FLUX training distribution: most weight on mid noise levels) and then moved by FLUX's
-resolution-dependent shift, the same ``mu`` the FLUX sampler uses at inference for that many image tokens,
-so training spends its steps on the noise levels the sampler will actually visit at that resolution.
+logit-normal (SD3 / FLUX training distribution: most weight on mid noise levels) and then moved by the
+family's resolution-dependent shift, the same ``mu`` its sampler uses at inference for that many image
+tokens (``shift_range`` of the family), so training spends its steps on the noise levels the sampler will
+actually visit at that resolution.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 
+from ..models.family import exponential_shift, linear_mu
+from ..models.flux import SHIFT_RANGE as FLUX_SHIFT_RANGE
+from ..models.flux import flux_mu
 from .protocol import FluxBackend, TextConditioning
 
-BASE_SHIFT, MAX_SHIFT = 0.5, 1.15
-BASE_SEQ, MAX_SEQ = 256, 4096
-
-
-def flux_mu(image_tokens: int) -> float:
-    """FLUX's shift parameter for an image of ``image_tokens`` packed 2x2 latent tokens (linear in length)."""
-    slope = (MAX_SHIFT - BASE_SHIFT) / (MAX_SEQ - BASE_SEQ)
-    return BASE_SHIFT + slope * (image_tokens - BASE_SEQ)
+ShiftRange = tuple[int, int, float, float]
 
 
 def shift_timesteps(t: torch.Tensor, mu: float) -> torch.Tensor:
-    """FLUX's ``time_shift(mu, 1, t)``: pushes ``t`` towards 1 (more noise) for larger images."""
-    return math.exp(mu) / (math.exp(mu) + (1.0 / t - 1.0))
+    """``time_shift(mu, 1, t)``: pushes ``t`` towards 1 (more noise) for larger images."""
+    return exponential_shift(t, mu)
 
 
 def sample_timesteps(
@@ -35,13 +31,15 @@ def sample_timesteps(
     generator: torch.Generator | None = None,
     shift: bool = True,
     device: torch.device | str = "cpu",
+    shift_range: ShiftRange = FLUX_SHIFT_RANGE,
 ) -> torch.Tensor:
-    """Logit-normal ``t`` in (0, 1), FLUX-shifted for the latent size ``(H, W)`` unless ``shift`` is off."""
+    """Logit-normal ``t`` in (0, 1), shifted for the latent size ``(H, W)`` with the family's ``mu`` range
+    (FLUX's by default) unless ``shift`` is off."""
     u = torch.randn(batch, generator=generator, device="cpu")
     t = torch.sigmoid(u).clamp(1e-4, 1 - 1e-4)
     if shift:
         h, w = latent_hw
-        t = shift_timesteps(t, flux_mu((h // 2) * (w // 2)))
+        t = shift_timesteps(t, linear_mu((h // 2) * (w // 2), shift_range))
     return t.to(device)
 
 

@@ -1,8 +1,10 @@
-"""What standalone training needs beside the transformer: the FLUX VAE (to encode the views once) and
-the place of every part in a diffusers pipeline folder (FLUX.1-dev's layout), all read offline."""
+"""What standalone training needs beside the transformer: the family's VAE (to encode the views once) and
+the place of every part in a diffusers pipeline folder (FLUX.1-dev's or Qwen-Image's layout), all read
+offline."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -11,8 +13,9 @@ from pathlib import Path
 import torch
 
 from ..errors import MetaLoRAError
+from ..models import ModelFamily, family_named, family_of
 from .conditioning import has_text_encoders
-from .diffusers_backend import DiffusersFluxBackend
+from .diffusers_backend import DiffusersBackend
 from .precision import Precision, choose_precision
 
 
@@ -31,51 +34,77 @@ def find_parts(flux: str | os.PathLike, vae: str | os.PathLike | None = None) ->
     return FluxParts(flux, vae_path, flux if pipeline and has_text_encoders(flux) else None)
 
 
+# diffusers VAE class (config.json ``_class_name``) -> the family whose latents it makes
+VAE_FAMILIES = {"AutoencoderKL": "flux", "AutoencoderKLQwenImage": "qwen_image"}
+
+
 def load_vae(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-    from diffusers import AutoencoderKL
+    """A diffusers VAE folder: FLUX.1's ``AutoencoderKL`` or Qwen-Image's ``AutoencoderKLQwenImage``."""
+    import diffusers
 
     path = Path(path)
     if not (path / "config.json").is_file():
         raise MetaLoRAError(
-            f"{path}: not a diffusers VAE folder (needs config.json and weights, like FLUX.1-dev's vae/)"
+            f"{path}: not a diffusers VAE folder (needs config.json and weights, like FLUX.1-dev's or "
+            "Qwen-Image's vae/)"
         )
+    name = json.loads((path / "config.json").read_text()).get("_class_name", "AutoencoderKL")
+    if name not in VAE_FAMILIES:
+        raise MetaLoRAError(f"{path}: a {name} VAE; Meta-LoRA reads {' or '.join(VAE_FAMILIES)} VAEs")
     try:
-        vae = AutoencoderKL.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True)
+        vae = getattr(diffusers, name).from_pretrained(str(path), torch_dtype=dtype, local_files_only=True)
     except (OSError, ValueError) as exc:
         raise MetaLoRAError(f"{path}: could not load the VAE ({exc})") from None
-    if vae.config.latent_channels != 16:
-        raise MetaLoRAError(
-            f"{path}: a FLUX VAE has 16 latent channels, this one {vae.config.latent_channels}"
-        )
+    channels = vae.config.get("latent_channels", vae.config.get("z_dim"))
+    if channels != 16:
+        raise MetaLoRAError(f"{path}: a FLUX.1 / Qwen-Image VAE has 16 latent channels, this one {channels}")
     return vae.to(device).eval().requires_grad_(False)
 
 
+def vae_family(vae) -> ModelFamily:
+    """The family whose transformer reads this VAE's latents."""
+    return family_named(VAE_FAMILIES.get(type(vae).__name__, "flux"))
+
+
+def check_vae_matches(vae, dims) -> None:
+    """A FLUX VAE with a Qwen-Image transformer (or the reverse) encodes latents the model never saw."""
+    theirs, ours = vae_family(vae), family_of(dims)
+    if theirs.name != ours.name:
+        raise MetaLoRAError(
+            f"--vae: this is a {theirs.label} VAE but the transformer is {ours.label}; pass {ours.label}'s vae/ folder"
+        )
+
+
 def vae_encoder(vae) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Images in [-1, 1] -> FLUX latents ``(mean - shift) * scale`` (the posterior mean: cacheable)."""
-    scale = float(vae.config.scaling_factor)
-    shift = float(vae.config.shift_factor or 0.0)
+    """Images ``(B, 3, H, W)`` in [-1, 1] -> normalised latents ``(B, 16, H/8, W/8)`` (the posterior mean:
+    cacheable): FLUX's ``(mean - shift) * scale``, Qwen-Image's per-channel ``(mean - mu) / sigma``."""
+    family = vae_family(vae)
     device, dtype = vae.device, vae.dtype
+    video = family.name == "qwen_image"  # Qwen-Image's (Wan) VAE takes and returns (B, C, frames, H, W)
 
     def encode(images: torch.Tensor) -> torch.Tensor:
-        mean = vae.encode(images.to(device, dtype)).latent_dist.mode()
-        return (mean.float() - shift) * scale
+        x = images.to(device, dtype)
+        mean = vae.encode(x.unsqueeze(2) if video else x).latent_dist.mode()
+        return family.vae_normalize(mean.float().squeeze(2) if video else mean.float(), vae.config)
 
     return encode
 
 
-def load_flux(
+def load_transformer(
     path: str | os.PathLike,
     requested: str,
     device: torch.device,
     bf16_autocast: bool = False,
     say: Callable[[str], None] | None = None,
-) -> tuple[DiffusersFluxBackend, Precision]:
-    """FLUX as ``--dtype requested`` asks on ``device`` (the file's own dtype read from its headers), and
-    the precision chosen; ``say`` hears which, before the slow load."""
-    from ..flux_model import read_weight_dtype
+) -> tuple[DiffusersBackend, Precision]:
+    """The transformer (FLUX.1 or Qwen-Image, read from its tensors) as ``--dtype requested`` asks on
+    ``device`` (the file's own dtype read from its headers), and the precision chosen; ``say`` hears which,
+    before the slow load."""
+    from ..model_files import read_model_dims, read_weight_dtype
 
     precision = choose_precision(requested, device, read_weight_dtype(path), bf16_autocast)
     if say is not None:
-        say(f"loading FLUX from {path} ({precision.describe()}, on {device}; this takes a while)")
-    backend = DiffusersFluxBackend.from_path(path, precision.compute, device, storage_dtype=precision.storage)
+        label = family_of(read_model_dims(path)[0]).label
+        say(f"loading {label} from {path} ({precision.describe()}, on {device}; this takes a while)")
+    backend = DiffusersBackend.from_path(path, precision.compute, device, storage_dtype=precision.storage)
     return backend, precision

@@ -100,7 +100,7 @@ def comfy_base(comfyui_path, tmp_path_factory) -> Path:
     from metalora_core.dev.random_assets import random_adapter, random_lomd
     from metalora_core.dev.tiny_faces import write_tiny_face_models
     from metalora_core.dev.tiny_flux import TINY_DIMS, tiny_dims, write_tiny_flux
-    from metalora_core.flux_model import read_flux_dims
+    from metalora_core.model_files import read_model_dims
     from metalora_core.formats import export_lora, save_identity, save_lomd
     from metalora_core.lomd.seeded import seeded_lomd
 
@@ -117,10 +117,10 @@ def comfy_base(comfyui_path, tmp_path_factory) -> Path:
     )
     style = random_adapter(lomd, flux, seed=5, up_std=0.2)  # an ordinary LoRA file (diffusers naming)
     export_lora(
-        models / "loras" / "style_lora.safetensors", lomd, style, read_flux_dims(flux)[0], "diffusers"
+        models / "loras" / "style_lora.safetensors", lomd, style, read_model_dims(flux)[0], "diffusers"
     )
     other = random_adapter(lomd, flux, seed=6, up_std=0.2)  # a second one, kohya naming (LoRA tools)
-    export_lora(models / "loras" / "style_lora_b.safetensors", lomd, other, read_flux_dims(flux)[0])
+    export_lora(models / "loras" / "style_lora_b.safetensors", lomd, other, read_model_dims(flux)[0])
     _fine_tune(flux, models / "diffusion_models" / "tiny_flux_tuned.safetensors")
     misfit = random_lomd(big, AdapterShape(4, 8), "attn_mlp", seed=3)
     save_lomd(models / "metalora" / "lomd_misfit.safetensors", misfit)
@@ -128,7 +128,7 @@ def comfy_base(comfyui_path, tmp_path_factory) -> Path:
         models / "metalora" / "identity_misfit.safetensors", random_adapter(misfit, big, seed=4, up_std=0.05)
     )
     # an identity trained against the LoMD the example workflows make (Seeded LoMD at its defaults)
-    seeded = seeded_lomd(read_flux_dims(flux)[0], AdapterShape(4, 16), "attn_mlp", seed=0)
+    seeded = seeded_lomd(read_model_dims(flux)[0], AdapterShape(4, 16), "attn_mlp", seed=0)
     save_identity(
         models / "metalora" / "identity_seeded.safetensors", random_adapter(seeded, flux, seed=5, up_std=0.05)
     )

@@ -12,7 +12,7 @@ from metalora_core.meta.dataset import load_identity_set
 from metalora_core.meta.prepare import prepare
 from metalora_core.meta.sampler import plan_buckets
 from metalora_core.training.conditioning import load_conditioning
-from metalora_core.training.diffusers_backend import DiffusersFluxBackend
+from metalora_core.training.diffusers_backend import DiffusersBackend
 from metalora_core.training.standalone import vae_encoder
 
 RES, MAX_ASPECT_ERROR = 128, 0.5  # 128 px keeps the latents 16x16; 0.5 lets every synthetic aspect fit
@@ -29,7 +29,7 @@ def meta_assets(assets, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def meta_backend(meta_assets):
-    return DiffusersFluxBackend.from_path(meta_assets["flux"])
+    return DiffusersBackend.from_path(meta_assets["flux"])
 
 
 @pytest.fixture(scope="session")

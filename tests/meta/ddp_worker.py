@@ -18,7 +18,7 @@ from conftest import _build  # noqa: E402
 from metalora_core.formats import save_lomd  # noqa: E402
 from metalora_core.meta.distributed import init_from_env, shutdown  # noqa: E402
 from metalora_core.meta.train import MetaConfig, MetaTrainer  # noqa: E402
-from metalora_core.training.diffusers_backend import DiffusersFluxBackend  # noqa: E402
+from metalora_core.training.diffusers_backend import DiffusersBackend  # noqa: E402
 
 
 def main() -> None:
@@ -31,7 +31,7 @@ def main() -> None:
         assets = {k: Path(v) for k, v in paths.items()}
         data, plan, prepared = _build(assets, config.identities_per_batch, config.seed, ctx.owns)
         trainer = MetaTrainer(
-            DiffusersFluxBackend.from_path(assets["flux"]), data, plan, prepared, config, ctx
+            DiffusersBackend.from_path(assets["flux"]), data, plan, prepared, config, ctx
         )
         result = trainer.train()
         save_lomd(out / f"rank{ctx.rank}.safetensors", result.lomd)

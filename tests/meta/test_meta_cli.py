@@ -11,7 +11,7 @@ from metalora_core.cli.main import main
 from metalora_core.formats import load_identity, load_lomd
 from metalora_core.inject import attached
 from metalora_core.training.conditioning import load_conditioning
-from metalora_core.training.diffusers_backend import DiffusersFluxBackend
+from metalora_core.training.diffusers_backend import DiffusersBackend
 
 
 def test_meta_train_then_personalize_then_apply(meta_assets, tmp_path, capsys):
@@ -64,7 +64,7 @@ def test_meta_train_then_personalize_then_apply(meta_assets, tmp_path, capsys):
     adapter = load_identity(identity)
     assert adapter.lomd_fingerprint == lomd.fingerprint
 
-    backend = DiffusersFluxBackend.from_path(meta_assets["flux"])
+    backend = DiffusersBackend.from_path(meta_assets["flux"])
     cond = load_conditioning(meta_assets["cond"])
     x = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([0.5])

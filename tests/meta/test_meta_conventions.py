@@ -112,7 +112,7 @@ class _ThreadGroup:
 
 
 def test_two_ranks_match_each_other_and_one_process(meta_assets, meta_backend, build, monkeypatch):
-    from metalora_core.training.diffusers_backend import DiffusersFluxBackend
+    from metalora_core.training.diffusers_backend import DiffusersBackend
 
     group = _ThreadGroup(2)
     monkeypatch.setattr(distributed, "dist", group)
@@ -120,7 +120,7 @@ def test_two_ranks_match_each_other_and_one_process(meta_assets, meta_backend, b
     config = MetaConfig(steps=3, **FAST)
     results, errors = {}, []
     # one model per rank, as processes have; loaded here, since model loading is not thread-safe
-    backends = [DiffusersFluxBackend.from_path(meta_assets["flux"]) for _ in (0, 1)]
+    backends = [DiffusersBackend.from_path(meta_assets["flux"]) for _ in (0, 1)]
 
     def rank(r: int) -> None:
         group.local.rank = r

@@ -6,18 +6,18 @@ import pytest
 import torch
 
 from metalora_core.formats import load_lomd
-from metalora_core.training.diffusers_backend import DiffusersFluxBackend
+from metalora_core.training.diffusers_backend import DiffusersBackend
 from metalora_core.training.protocol import TextConditioning
 
 
 @pytest.fixture(scope="session")
 def backend(assets):
-    return DiffusersFluxBackend.from_path(assets["diffusers"])
+    return DiffusersBackend.from_path(assets["diffusers"])
 
 
 @pytest.fixture(scope="session")
 def backend64(assets):
-    return DiffusersFluxBackend.from_path(assets["diffusers"], dtype=torch.float64)
+    return DiffusersBackend.from_path(assets["diffusers"], dtype=torch.float64)
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ import torch
 from metalora_core.adapter import AdapterShape
 from metalora_core.lomd.seeded import seeded_lomd
 from metalora_core.targets import FluxDims, diffusers_config_for
-from metalora_core.training.diffusers_backend import DiffusersFluxBackend
+from metalora_core.training.diffusers_backend import DiffusersBackend
 from metalora_core.training.objective import flow_loss
 from metalora_core.training.personalize import PersonalizeConfig, personalize
 from metalora_core.training.precision import store_layerwise
@@ -37,7 +37,7 @@ def _model(dtype=torch.bfloat16):
 
 @pytest.fixture(scope="module")
 def gpu():
-    backend = DiffusersFluxBackend(_model(), DIMS)
+    backend = DiffusersBackend(_model(), DIMS)
     g = torch.Generator().manual_seed(1)
     cond = TextConditioning(
         torch.randn(512, DIMS.context_dim, generator=g), torch.randn(DIMS.vec_dim, generator=g)
@@ -110,7 +110,7 @@ def test_fp8_storage_trains_with_bf16_compute(gpu, tmp_path):
     _, cond, views, lomd = gpu
     model = _model()
     store_layerwise(model, torch.float8_e4m3fn, torch.bfloat16)
-    backend = DiffusersFluxBackend(model, DIMS, compute_dtype=torch.bfloat16)
+    backend = DiffusersBackend(model, DIMS, compute_dtype=torch.bfloat16)
     assert backend.dtype == torch.bfloat16 and not backend.capturable
     assert model.transformer_blocks[0].attn.to_q.weight.dtype == torch.float8_e4m3fn
     result = personalize(

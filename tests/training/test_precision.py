@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from metalora_core.errors import MetaLoRAError
-from metalora_core.flux_model import read_weight_dtype
-from metalora_core.training.diffusers_backend import DiffusersFluxBackend
+from metalora_core.model_files import read_weight_dtype
+from metalora_core.training.diffusers_backend import DiffusersBackend
 from metalora_core.training.memory import decide_checkpointing, layerwise_copy_bytes
 from metalora_core.training.personalize import PersonalizeConfig, personalize
 from metalora_core.training.precision import Precision, choose_precision
-from metalora_core.training.standalone import load_flux
+from metalora_core.training.standalone import load_transformer
 
 CPU, GPU = torch.device("cpu"), torch.device("cuda")
 FP8 = torch.float8_e4m3fn
@@ -57,7 +57,7 @@ def test_the_file_dtype_is_read_from_headers(assets, tmp_path):
 def test_fp8_storage_keeps_linears_in_fp8_and_trains_on_the_rounded_weights(assets, lomd, views, cond):
     """fp8 storage is exactly the bf16 model with its linear weights rounded to fp8 (and trains)."""
     heard = []
-    fp8, precision = load_flux(
+    fp8, precision = load_transformer(
         assets["diffusers"], "float8_e4m3fn", CPU, say=heard.append
     )  # as the CLI loads
     assert precision == Precision(FP8, torch.bfloat16) and "float8_e4m3fn weights" in heard[0]
@@ -70,7 +70,7 @@ def test_fp8_storage_keeps_linears_in_fp8_and_trains_on_the_rounded_weights(asse
         p.numel() for m in model.modules() if getattr(m, "_diffusers_hook", None) is not None
         for p in m.parameters(recurse=False)
     )  # fmt: skip
-    rounded = DiffusersFluxBackend.from_path(assets["diffusers"], torch.bfloat16, "cpu")
+    rounded = DiffusersBackend.from_path(assets["diffusers"], torch.bfloat16, "cpu")
     with torch.no_grad():
         for name, param in rounded.model.named_parameters():
             stored = dict(model.named_parameters())[name]

@@ -12,7 +12,7 @@ import torch
 from metalora_core.adapter import AdapterShape, delta_weight
 from metalora_core.dev.random_assets import random_adapter, random_lomd
 from metalora_core.errors import MetaLoRAError
-from metalora_core.flux_model import read_flux_dims
+from metalora_core.model_files import read_model_dims
 from metalora_core.formats import export_lora
 
 TOL = dict(atol=1e-5, rtol=1e-6)  # float64 model; ComfyUI returns samples in float32
@@ -34,7 +34,7 @@ def assets(tiny_bfl, tmp_path_factory):
     lomd = random_lomd(tiny_bfl, AdapterShape(4, 8), "attn_mlp", seed=1)
     a = random_adapter(lomd, tiny_bfl, seed=2, up_std=0.2)
     c = random_adapter(lomd, tiny_bfl, seed=5, up_std=0.2)
-    dims, _ = read_flux_dims(tiny_bfl)
+    dims, _ = read_model_dims(tiny_bfl)
     path = export_lora(tmp_path_factory.mktemp("loras") / "style.safetensors", lomd, c, dims, "diffusers")
     return lomd, a, c, str(path)
 
@@ -235,7 +235,7 @@ def test_difference_file_through_the_stock_loader_equals_b_plus_one_and_a_minus_
     from metalora_core.loras.tools import difference
 
     lomd, a, _c, b_path = assets
-    dims, _ = read_flux_dims(tiny_bfl)
+    dims, _ = read_model_dims(tiny_bfl)
     a_path = export_lora(tmp_path / "a.safetensors", lomd, a, dims, "kohya")
     diff = difference(a_path, b_path, tmp_path / "diff.safetensors").path
 

@@ -1,4 +1,6 @@
-"""Locate and load a FLUX transformer for the standalone backend: a BFL single file or a diffusers folder."""
+"""Locate and load a transformer of any supported family (FLUX.1, Qwen-Image) for the standalone backend:
+a single file (BFL / ComfyUI / diffusers names) or a diffusers folder. The family is read from the tensor
+names (:func:`metalora_core.models.detect_family`), never from the file name."""
 
 from __future__ import annotations
 
@@ -10,16 +12,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .errors import MetaLoRAError
+from .models import detect_family, family_of
 from .safeio import atomic_write_bytes, load_tensors
-from .targets import (
-    FluxDims,
-    bfl_to_diffusers,
-    diffusers_config_for,
-    dims_from_bfl,
-    dims_from_diffusers,
-    resolve_targets,
-    strip_bfl_prefix,
-)
+from .targets import resolve_targets
 
 
 def _diffusers_files(folder: Path) -> list[Path]:
@@ -28,7 +23,7 @@ def _diffusers_files(folder: Path) -> list[Path]:
     files = sorted(folder.glob("*.safetensors"))
     if not (folder / "config.json").is_file() or not files:
         raise MetaLoRAError(
-            f"{folder}: not a diffusers FLUX transformer folder (needs config.json and *.safetensors; "
+            f"{folder}: not a diffusers transformer folder (needs config.json and *.safetensors; "
             "a pipeline folder with a transformer/ subfolder works too)"
         )
     return files
@@ -57,7 +52,7 @@ _SAFETENSORS_DTYPES = {
 
 
 def read_weight_dtype(path: str | os.PathLike) -> torch.dtype | None:
-    """The dtype most of a FLUX checkpoint's weight matrices are stored in (headers only), or None."""
+    """The dtype most of a checkpoint's weight matrices are stored in (headers only), or None."""
     path = Path(path)
     files = _diffusers_files(path) if path.is_dir() else [path]
     counts: dict[str, int] = {}
@@ -75,53 +70,56 @@ def read_weight_dtype(path: str | os.PathLike) -> torch.dtype | None:
     return _SAFETENSORS_DTYPES.get(max(counts, key=counts.__getitem__))
 
 
-def read_flux_dims(path: str | os.PathLike) -> tuple[FluxDims, str]:
-    """FLUX sizes and layout (``bfl`` or ``diffusers``) of a checkpoint, reading headers only."""
+def read_model_dims(path: str | os.PathLike):
+    """Sizes (the family's dims) and layout (``bfl`` or ``diffusers``) of a checkpoint, reading headers only."""
     path = Path(path)
     if path.is_dir():
         shapes = _header_shapes(_diffusers_files(path))
-        return dims_from_diffusers(shapes, str(path)), "diffusers"
-    if not path.is_file():
-        raise MetaLoRAError(f"{path}: no such FLUX checkpoint (a .safetensors file or a diffusers folder)")
-    shapes = strip_bfl_prefix(_header_shapes([path]))  # type: ignore[arg-type]
-    if "x_embedder.weight" in shapes:
-        return dims_from_diffusers(shapes, str(path)), "diffusers"
-    return dims_from_bfl(shapes, str(path)), "bfl"
+    elif not path.is_file():
+        raise MetaLoRAError(
+            f"{path}: no such model checkpoint (a FLUX.1 or Qwen-Image .safetensors file, or a diffusers folder)"
+        )
+    else:
+        shapes = _header_shapes([path])
+    dims, layout = detect_family(shapes, str(path)).dims_from_shapes(shapes, str(path))
+    return dims, ("diffusers" if path.is_dir() else layout)
 
 
-def fused_shapes(dims: FluxDims) -> dict[str, tuple[int, int]]:
-    """``{canonical target: (out, in)}`` for every adaptable layer of a FLUX of these sizes."""
+def fused_shapes(dims) -> dict[str, tuple[int, int]]:
+    """``{canonical target: (out, in)}`` for every adaptable layer of a model of these sizes."""
     return {t.name: (t.out_features, t.in_features) for t in resolve_targets(dims, "all_linear")}
 
 
-def load_diffusers_flux(
+def load_diffusers_model(
     path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ):
-    """Build diffusers' ``FluxTransformer2DModel`` from a diffusers folder or a BFL single file, offline."""
-    from diffusers import FluxTransformer2DModel
-
+    """Build the family's diffusers transformer (``FluxTransformer2DModel``, ``QwenImageTransformer2DModel``)
+    from a diffusers folder or a single file, offline."""
     path = Path(path)
-    dims, layout = read_flux_dims(path)
+    dims, layout = read_model_dims(path)
+    family = family_of(dims)
+    model_class = family.diffusers_class()
     if path.is_dir():
         folder = path / "transformer" if (path / "transformer" / "config.json").is_file() else path
-        model = FluxTransformer2DModel.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True)
+        model = model_class.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True)
         return model.to(device), dims
     sd, _ = load_tensors(path)
-    if layout == "bfl":
-        sd = bfl_to_diffusers(sd, str(path))
+    sd = family.to_diffusers(sd, layout, str(path))
     with torch.device("meta"):
-        model = FluxTransformer2DModel(**diffusers_config_for(dims))
+        model = model_class(**family.diffusers_config(dims))
     missing = set(model.state_dict()) - set(sd)
     if missing:
         raise MetaLoRAError(f"{path}: key '{sorted(missing)[0]}' is missing ({len(missing)} missing)")
     model.load_state_dict(
         {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}, strict=True, assign=True
     )
+    family.finish_meta_model(model, dims)
     return model, dims  # tensors were cast while loading: a later `.to(dtype)` would only make diffusers warn
 
 
-def save_diffusers_config(folder: Path, dims: FluxDims) -> None:
-    config = {"_class_name": "FluxTransformer2DModel", **diffusers_config_for(dims)}
+def save_diffusers_config(folder: Path, dims) -> None:
+    family = family_of(dims)
+    config = {"_class_name": family.diffusers_class().__name__, **family.diffusers_config(dims)}
     config["axes_dims_rope"] = list(config["axes_dims_rope"])  # type: ignore[arg-type]
     text = json.dumps(config, indent=2)
     atomic_write_bytes(folder / "config.json", lambda tmp: Path(tmp).write_text(text))
