@@ -90,6 +90,14 @@ def canonical_from_kohya_diffusers(prefix: str, family: str | None = None) -> tu
     return (hit.name, hit.piece) if hit else None
 
 
+def presets_help() -> str:
+    """One line per preset saying what it covers in each family (the names are the same in all)."""
+    return "; ".join(
+        f"{name}: " + " / ".join(f"{f.label}: {f.presets[name]}" for f in FAMILIES.values())
+        for name in PRESET_HELP
+    )
+
+
 __all__ = [
     "DEFAULT_PRESET",
     "FAMILIES",
@@ -105,6 +113,7 @@ __all__ = [
     "diffusers_pieces",
     "kohya_name",
     "layer_shape",
+    "presets_help",
     "resolve_targets",
     "split_layer_name",
 ]

@@ -8,7 +8,7 @@ from ..adapter import AdapterShape
 from ..dev.random_assets import random_adapter, random_lomd
 from ..dev.tiny_flux import tiny_dims, write_tiny_flux
 from ..formats import load_lomd, save_identity, save_lomd
-from ..targets import DEFAULT_PRESET, PRESET_HELP
+from ..targets import DEFAULT_PRESET, presets_help
 
 
 def _tiny_flux(args) -> int:
@@ -67,9 +67,7 @@ def register(sub):
     p.add_argument("--rank-down", type=int, default=4, help="LoMD rank")
     p.add_argument("--rank-mid", type=int, default=16, help="default Mid rank recorded for identities")
     p.add_argument("--alpha", type=float, default=None, help="default: rank-down (scale 1)")
-    p.add_argument(
-        "--targets", default=DEFAULT_PRESET, help="; ".join(f"{k}: {v}" for k, v in PRESET_HELP.items())
-    )
+    p.add_argument("--targets", default=DEFAULT_PRESET, help=presets_help())
     p.add_argument("--seed", type=int, default=0, help="random seed of the weights / drawings")
     p.set_defaults(func=_random_lomd)
 

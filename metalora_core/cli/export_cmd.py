@@ -6,11 +6,12 @@ import json
 
 from ..errors import MetaLoRAError
 from ..formats import check_pair, export_lora, load_identity, load_lomd
+from ..models import family_named
 from ..targets import FluxDims
 from . import preflight
 
 
-def dims_for_export(lomd, adapter, model: str | None) -> FluxDims:
+def dims_for_export(lomd, adapter, model: str | None):
     """Sizes the diffusers slicing needs: from ``--model`` if given, else from the files' own shapes."""
     if model:
         from ..model_files import read_model_dims
@@ -19,8 +20,11 @@ def dims_for_export(lomd, adapter, model: str | None) -> FluxDims:
     hidden = lomd.hidden_size or adapter.hidden_size
     if not hidden:
         raise MetaLoRAError(
-            "the LoMD records no hidden size; pass --model to read it from the FLUX checkpoint"
+            "the LoMD records no hidden size; pass --model to read it from the model's checkpoint"
         )
+    family = family_named(lomd.base_arch)
+    if family.name != "flux":  # no fused layers: the width alone places every layer
+        return family.dims_for_lora(hidden, 4 * hidden)
     mlp = (
         next(
             (adapter.ups[n].shape[0] for n in adapter.targets if n.endswith("linear1")),
@@ -76,7 +80,8 @@ def register(sub) -> None:
         "--strength", type=float, default=1.0, help="bake this multiplier into the LoRA (default 1)"
     )
     p.add_argument(
-        "--model", help="FLUX checkpoint to read sizes from (only needed if the files do not record them)"
+        "--model",
+        help="FLUX.1 / Qwen-Image checkpoint to read sizes from (only needed if the files do not record them)",
     )
     p.add_argument(
         "--force", action="store_true", help="export even if the adapter was trained against another LoMD"

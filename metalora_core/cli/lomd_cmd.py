@@ -16,11 +16,12 @@ from ..formats import save_lomd
 from ..lomd.distill import DistillConfig, distill_lomd
 from ..lomd.seeded import KNOWN_MODELS, known_dims, seeded_lomd
 from ..model_files import read_model_dims
-from ..targets import DEFAULT_PRESET, PRESET_HELP, FluxDims
+from ..targets import DEFAULT_PRESET, FluxDims, presets_help
 
 MODEL_HELP = (
-    f"the FLUX the LoMD is for: {', '.join(sorted(KNOWN_MODELS))} (FLUX.1 sizes, no file needed), or a "
-    "FLUX checkpoint (.safetensors or diffusers folder; only its header is read). Default: FLUX"
+    f"the model the LoMD is for: {', '.join(sorted(KNOWN_MODELS))} (FLUX.1 or Qwen-Image sizes, no file "
+    "needed), or a FLUX.1 / Qwen-Image checkpoint (.safetensors or diffusers folder; only its header is read). "
+    "Default: FLUX"
 )
 
 
@@ -117,9 +118,7 @@ def _common(p) -> None:
     p.add_argument("--model", default="FLUX", help=MODEL_HELP)
     p.add_argument("--rank", type=int, default=4, help="rank of the Down (rank_down, default 4)")
     p.add_argument("--rank-mid", type=int, default=16, help="Mid rank identities default to (default 16)")
-    p.add_argument(
-        "--targets", default=DEFAULT_PRESET, help="; ".join(f"{k}: {v}" for k, v in PRESET_HELP.items())
-    )
+    p.add_argument("--targets", default=DEFAULT_PRESET, help=presets_help())
 
 
 def register(sub):
@@ -137,7 +136,8 @@ def register(sub):
 
     p = lsub.add_parser(
         "distill",
-        help="the input subspace a collection of FLUX LoRAs shares (per layer), read one file at a time",
+        help="the input subspace a collection of FLUX.1 (or Qwen-Image) LoRAs shares (per layer), read one file at "
+        "a time",
     )
     p.add_argument(
         "--loras", nargs="+", required=True, help="LoRA files and/or folders (every *.safetensors below)"

@@ -22,7 +22,7 @@ from ..meta.holdout import HoldoutCheck
 from ..meta.prepare import DEFAULT_META_CAPTION, prepare
 from ..meta.sampler import REMAINDER, BucketPlan, plan_buckets
 from ..meta.train import MetaConfig, MetaTrainer
-from ..targets import DEFAULT_PRESET, PRESET_HELP
+from ..targets import DEFAULT_PRESET, presets_help
 from ..training.conditioning import load_conditioning
 from ..training.data import photo_bucket
 from ..training.schedules import SCHEDULES
@@ -123,7 +123,8 @@ def _meta_train(args, ctx: DistContext, device: torch.device) -> int:
     parts = find_parts(args.flux, args.vae)
     if parts.vae is None:
         raise MetaLoRAError(
-            f"{args.flux}: no VAE found; pass --vae with a diffusers AutoencoderKL folder (FLUX.1-dev's vae/)"
+            f"{args.flux}: no VAE found; pass --vae with the model's diffusers VAE folder (FLUX.1-dev's or "
+            "Qwen-Image's vae/)"
         )
     full = _load_data(args)
     if not full.items:
@@ -269,7 +270,13 @@ def register(sub) -> None:
         "captions beside them) or a .jsonl manifest. Run under `torchrun --nproc_per_node N` or "
         "`accelerate launch` for data-parallel training over identities.",
     )
-    p.add_argument("--flux", required=True, help="FLUX pipeline folder, or a BFL/diffusers transformer")
+    p.add_argument(
+        "--flux",
+        "--model",
+        dest="flux",
+        required=True,
+        help="the base model: a FLUX.1 or Qwen-Image pipeline folder, or its transformer file / folder",
+    )
     p.add_argument("--data", required=True, help="identity folders or a .jsonl manifest")
     p.add_argument("--out", required=True, help="LoMD to write (.safetensors)")
     p.add_argument("--vae", help="diffusers AutoencoderKL folder (default: the pipeline's vae/)")
@@ -291,9 +298,7 @@ def register(sub) -> None:
     p.add_argument("--rank-down", type=int, default=4, help="LoMD rank (default 4)")
     p.add_argument("--rank-mid", type=int, default=16, help="Mid rank of the heads (default 16)")
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: rank-down, scale 1)")
-    p.add_argument(
-        "--targets", default=DEFAULT_PRESET, help="; ".join(f"{k}: {v}" for k, v in PRESET_HELP.items())
-    )
+    p.add_argument("--targets", default=DEFAULT_PRESET, help=presets_help())
     add_run_options(p, "continue from a checkpoint (written by any number of processes)")
     p.add_argument("--holdout", type=int, default=0, help="identities kept out for the hold-out check")
     p.add_argument("--holdout-every", type=int, default=100, help="run the hold-out check every K steps")

@@ -1,4 +1,5 @@
-"""``metalora personalize``: one photo -> an identity adapter (+ loss-curve PNG), on a standalone FLUX.
+"""``metalora personalize``: one photo -> an identity adapter (+ loss-curve PNG), on a standalone FLUX.1 or
+Qwen-Image (the family is read from the transformer's tensors).
 
 Also ``metalora dev tiny-vae`` and ``metalora dev random-conditioning``, so the whole command runs in tests.
 """
@@ -138,12 +139,14 @@ def run(args) -> int:
     parts = find_parts(args.flux, args.vae)
     if parts.vae is None:
         raise MetaLoRAError(
-            f"{args.flux}: no VAE found; pass --vae with a diffusers AutoencoderKL folder (FLUX.1-dev's vae/)"
+            f"{args.flux}: no VAE found; pass --vae with the model's diffusers VAE folder (FLUX.1-dev's or "
+            "Qwen-Image's vae/)"
         )
     if not args.conditioning and parts.text_encoders is None:
         raise MetaLoRAError(
             f"{args.flux}: no text encoders; pass --conditioning FILE.safetensors (tensors 'context' and "
-            "'pooled') or a FLUX pipeline folder with text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/"
+            "'pooled'; Qwen-Image: 'context' only) or a FLUX pipeline folder with text_encoder/, text_encoder_2/, "
+            "tokenizer/, tokenizer_2/"
         )
     try:
         photo = Image.fromarray(load_image(args.image))  # EXIF rotation applied, as everywhere else
@@ -268,7 +271,12 @@ def add_run_options(
     p, resume_help: str = "continue from a checkpoint written with the same settings"
 ) -> None:
     """Options every standalone training command shares: guidance, precision, memory, checkpoints, device."""
-    p.add_argument("--guidance", type=float, default=1.0, help="FLUX.1-dev guidance input in training")
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=1.0,
+        help="FLUX.1-dev guidance input in training (Qwen-Image has none)",
+    )
     p.add_argument(
         "--dtype",
         choices=PRECISION_CHOICES,
@@ -309,7 +317,14 @@ def register(sub) -> None:
         description="Train an identity adapter from one photo. FLUX: a diffusers pipeline folder (transformer/, "
         "vae/, text_encoder*/, tokenizer*/) or a transformer file/folder plus --vae and --conditioning.",
     )
-    p.add_argument("--flux", required=True, help="FLUX pipeline folder, or a BFL/diffusers transformer")
+    p.add_argument(
+        "--flux",
+        "--model",
+        dest="flux",
+        required=True,
+        help="the base model: a FLUX.1 or Qwen-Image pipeline folder, or its transformer (BFL / ComfyUI / "
+        "diffusers file or folder); --model is the same option",
+    )
     p.add_argument("--lomd", required=True, help="the LoMD (.safetensors) to train against")
     p.add_argument("--image", required=True, help="the one photo of the person")
     p.add_argument(
@@ -407,8 +422,12 @@ def register_dev(dsub) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seed", type=int, default=0, help="random seed of the weights / drawings")
     p.set_defaults(func=_tiny_vae)
-    p = dsub.add_parser("random-conditioning", help="random text features fitting a FLUX checkpoint")
-    p.add_argument("--model", required=True, help="FLUX checkpoint (.safetensors or diffusers folder)")
+    p = dsub.add_parser(
+        "random-conditioning", help="random text features fitting a FLUX.1 or Qwen-Image checkpoint"
+    )
+    p.add_argument(
+        "--model", required=True, help="FLUX.1 or Qwen-Image checkpoint (.safetensors or diffusers folder)"
+    )
     p.add_argument("--out", required=True, help="output .safetensors")
     p.add_argument("--tokens", type=int, default=16, help="text tokens (default 16)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the weights / drawings")

@@ -483,6 +483,7 @@ class FluxFamily:
 
     name = "flux"
     label = "FLUX.1"
+    noun = "FLUX"  # what progress lines call it
     lora_base_version = "flux1"
     kohya_network_module = "networks.lora_flux"
     presets = PRESET_HELP

@@ -51,6 +51,9 @@ ATTN = (
 )
 MLP = ("img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2")
 MOD = ("img_mod.1", "txt_mod.1")
+# The last block's text stream feeds nothing (only image tokens reach the output layer): these layers
+# would get no gradient, so presets leave them out there.
+DEAD_IN_LAST_BLOCK = ("attn.to_add_out", "txt_mlp.net.0.proj", "txt_mlp.net.2", "txt_mod.1")
 LAYERS = ATTN + MLP + MOD
 PRESETS: dict[str, tuple[str, ...]] = {"attn": ATTN, "attn_mlp": ATTN + MLP, "all_linear": LAYERS}
 DEFAULT_PRESET = "attn_mlp"
@@ -130,7 +133,12 @@ def split_name(name: str) -> tuple[int, str]:
 def resolve_targets(dims: QwenImageDims, preset: str | Iterable[str] = DEFAULT_PRESET) -> list[Target]:
     """The canonical targets of a preset, or of an explicit list of names / regular expressions."""
     if isinstance(preset, str) and preset in PRESETS:
-        names = [f"{BLOCKS}.{i}.{layer}" for i in range(dims.depth) for layer in PRESETS[preset]]
+        names = [
+            f"{BLOCKS}.{i}.{layer}"
+            for i in range(dims.depth)
+            for layer in PRESETS[preset]
+            if not (i == dims.depth - 1 and layer in DEAD_IN_LAST_BLOCK)
+        ]
     else:
         every = [f"{BLOCKS}.{i}.{layer}" for i in range(dims.depth) for layer in LAYERS]
         names = match_targets(every, preset, PRESETS, LABEL, "'transformer_blocks.0.attn.to_q'")
@@ -222,6 +230,7 @@ class QwenImageFamily:
 
     name = "qwen_image"
     label = LABEL
+    noun = LABEL
     lora_base_version = "qwen_image"
     kohya_network_module = "networks.lora_qwen_image"
     presets = PRESET_HELP

@@ -104,7 +104,7 @@ def load_transformer(
 
     precision = choose_precision(requested, device, read_weight_dtype(path), bf16_autocast)
     if say is not None:
-        label = family_of(read_model_dims(path)[0]).label
-        say(f"loading {label} from {path} ({precision.describe()}, on {device}; this takes a while)")
+        noun = family_of(read_model_dims(path)[0]).noun
+        say(f"loading {noun} from {path} ({precision.describe()}, on {device}; this takes a while)")
     backend = DiffusersBackend.from_path(path, precision.compute, device, storage_dtype=precision.storage)
     return backend, precision
