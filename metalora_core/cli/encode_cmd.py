@@ -1,9 +1,10 @@
 """``metalora encode-caption``: the training caption as a text-features file, for ``--conditioning``.
 
-``personalize`` and ``meta-train`` encode their captions themselves when ``--flux`` is a FLUX pipeline
+``personalize`` and ``meta-train`` encode their captions themselves when ``--flux`` is a FLUX.1 or Qwen-Image pipeline
 folder (text encoders beside the transformer). Given a transformer file instead (ComfyUI's
 ``flux1-dev.safetensors``), they need the features precomputed: this command makes them once from any
-FLUX.1 pipeline folder's text encoders, with the caption ``personalize`` would use.
+FLUX.1 pipeline folder's text encoders (CLIP + T5) or Qwen-Image pipeline folder's (Qwen2.5-VL), with the
+caption ``personalize`` would use.
 """
 
 from __future__ import annotations
@@ -31,13 +32,14 @@ def run(args) -> int:
 def register(sub) -> None:
     p = sub.add_parser(
         "encode-caption",
-        help="write the training caption's text features (for --conditioning) with FLUX's text encoders",
+        help="write the training caption's text features (for --conditioning) with the model's text encoders",
         description=__doc__.split("\n\n")[1].replace("\n", " "),
     )
     p.add_argument(
         "--text-encoders",
         required=True,
-        help="a FLUX.1 pipeline folder holding text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/",
+        help="a FLUX.1 pipeline folder holding text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/, or a "
+        "Qwen-Image one holding text_encoder/ (Qwen2.5-VL) and tokenizer/",
     )
     p.add_argument("--out", required=True, help="features file to write (.safetensors)")
     p.add_argument("--trigger", default="ohwx", help="trigger word, as in personalize")

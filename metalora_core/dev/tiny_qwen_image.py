@@ -77,3 +77,42 @@ def write_tiny_qwen_vae(out: str | os.PathLike, seed: int = 0) -> Path:
     out = Path(out)
     tiny_qwen_vae(seed).save_pretrained(str(out), safe_serialization=True)
     return out
+
+
+QWEN_WORDS = ["<|im_start|>", "<|im_end|>", "system", "user", "assistant", "Describe", "the", "image", "photo",
+              "of", "a", "person", "zkx", "ohwx", "sks", "man", "woman", "in", "garden", ",", ":"]  # fmt: skip
+
+
+def write_tiny_qwen_pipeline(
+    out: str | os.PathLike, dims: QwenImageDims = TINY_QWEN_DIMS, seed: int = 0
+) -> Path:
+    """A tiny Qwen-Image pipeline folder laid out like Qwen/Qwen-Image's (``transformer/``, ``vae/``,
+    ``text_encoder/`` Qwen2.5-VL, ``tokenizer/``; a small word-level vocabulary), random weights, so the
+    trainer's text-encoder path runs in tests."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    out = Path(out)
+    write_tiny_qwen_image(out / "transformer", dims, seed, layout="diffusers")
+    write_tiny_qwen_vae(out / "vae", seed)
+    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", *QWEN_WORDS])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>").save_pretrained(
+        str(out / "tokenizer")
+    )
+    text = dict(
+        vocab_size=len(vocab), hidden_size=dims.context_dim, intermediate_size=2 * dims.context_dim,
+        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
+        bos_token_id=None, eos_token_id=None, pad_token_id=0,
+        rope_scaling={"type": "mrope", "mrope_section": [2, 5, 5]},
+    )  # fmt: skip
+    vision = dict(
+        depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=dims.context_dim,
+        fullatt_block_indexes=[0],
+    )  # fmt: skip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision))
+    encoder.save_pretrained(str(out / "text_encoder"), safe_serialization=True)
+    return out

@@ -4,6 +4,7 @@ from a diffusers pipeline folder (``text_encoder/`` CLIP-L + ``tokenizer/``, ``t
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -57,11 +58,26 @@ def load_conditioning(path: str | os.PathLike, dims: FluxDims | None = None) -> 
     return cond
 
 
-def has_text_encoders(folder: str | os.PathLike) -> bool:
+def text_encoder_family(folder: str | os.PathLike) -> str | None:
+    """Which family's text encoders a pipeline folder holds: ``flux`` (CLIP + T5 in text_encoder/,
+    text_encoder_2/ and their tokenizers), ``qwen_image`` (Qwen2.5-VL in text_encoder/ + tokenizer/) or None."""
     folder = Path(folder)
-    return folder.is_dir() and all(
-        (folder / sub).is_dir() for sub in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
-    )
+    if not folder.is_dir():
+        return None
+    if all((folder / sub).is_dir() for sub in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")):
+        return "flux"
+    config = folder / "text_encoder" / "config.json"
+    if config.is_file() and (folder / "tokenizer").is_dir():
+        try:
+            model_type = str(json.loads(config.read_text()).get("model_type", ""))
+        except (OSError, ValueError):
+            return None
+        return "qwen_image" if model_type.startswith("qwen2") else None
+    return None
+
+
+def has_text_encoders(folder: str | os.PathLike) -> bool:
+    return text_encoder_family(folder) is not None
 
 
 def t5_length(tokenizer, prompt: str) -> int:
@@ -76,10 +92,13 @@ def encode_prompt(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> TextConditioning:
-    """Encode ``prompt`` with the pipeline folder's CLIP (pooled) and T5 (context), local files only."""
+    """Encode ``prompt`` with the pipeline folder's text encoders, local files only: FLUX's CLIP (pooled)
+    and T5 (context), or Qwen-Image's Qwen2.5-VL (context only)."""
     from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
     folder = Path(folder)
+    if text_encoder_family(folder) == "qwen_image":
+        return encode_qwen_prompt(folder, prompt, device, dtype)
     if not has_text_encoders(folder):
         raise MetaLoRAError(
             f"{folder}: no FLUX text encoders (needs text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/ "
@@ -104,3 +123,25 @@ def encode_prompt(
         ids = t5_tok(prompt, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
         context = t5.to(device)(ids.input_ids.to(device), output_hidden_states=False)[0][0]
     return TextConditioning(context.float().cpu(), pooled.float().cpu())
+
+
+def encode_qwen_prompt(
+    folder: Path, prompt: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> TextConditioning:
+    """Qwen-Image's prompt features exactly as ``QwenImagePipeline.encode_prompt`` makes them (its chat
+    template, the template's tokens dropped, the last hidden states), with only the text encoder loaded."""
+    from diffusers import QwenImagePipeline
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"), local_files_only=True)
+        encoder = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            str(folder / "text_encoder"), local_files_only=True, dtype=dtype
+        )
+    except (OSError, ValueError) as exc:
+        raise MetaLoRAError(f"{folder}: could not load the Qwen2.5-VL text encoder offline ({exc})") from None
+    pipe = QwenImagePipeline(None, None, encoder.to(device).eval(), tokenizer, None)
+    with torch.no_grad():
+        embeds, mask = pipe.encode_prompt(prompt, device=torch.device(device))
+    keep = mask[0].bool() if mask is not None else torch.ones(embeds.shape[1], dtype=torch.bool)
+    return TextConditioning(embeds[0][keep.to(embeds.device)].float().cpu())

@@ -206,3 +206,47 @@ def test_a_flux_lomd_on_qwen_image_names_both_families(qwen_files, assets, tmp_p
 
     with pytest.raises(MetaLoRAError, match="is for FLUX.1, but the model is a Qwen-Image model"):
         make_heads(TINY_QWEN_DIMS, load_lomd(assets["lomd"]))
+
+
+def test_personalize_on_a_qwen_image_pipeline_folder_encodes_its_own_caption(tmp_path, capsys):
+    """A Qwen-Image pipeline folder (transformer/, vae/, Qwen2.5-VL text_encoder/, tokenizer/): no --vae and
+    no --conditioning needed; encode-caption writes the same features QwenImagePipeline.encode_prompt makes."""
+    from diffusers import QwenImagePipeline
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+    from metalora_core.dev.tiny_qwen_image import write_tiny_qwen_pipeline
+    from metalora_core.safeio import load_tensors
+
+    folder = write_tiny_qwen_pipeline(tmp_path / "qwen_pipeline")
+    lomd = tmp_path / "lomd.safetensors"
+    assert main(["lomd", "seeded", "--model", str(folder), "--out", str(lomd)]) == 0
+    out = tmp_path / "me.safetensors"
+    args = [
+        "personalize",
+        "--model",
+        str(folder),
+        "--lomd",
+        str(lomd),
+        "--image",
+        str(_photo(tmp_path / "p.png")),
+    ]
+    assert (
+        main([*args, "--out", str(out), "--steps", "2", "--resolution", "64", "--views", "2", "--quiet"]) == 0
+    )
+    assert load_identity(out).base_arch == "qwen_image"
+    feats = tmp_path / "cond.safetensors"
+    assert (
+        main(["encode-caption", "--text-encoders", str(folder), "--trigger", "zkx", "--out", str(feats)]) == 0
+    )
+    tensors, _ = load_tensors(feats)
+    pipe = QwenImagePipeline(
+        None,
+        None,
+        Qwen2_5_VLForConditionalGeneration.from_pretrained(str(folder / "text_encoder")),
+        AutoTokenizer.from_pretrained(str(folder / "tokenizer")),
+        None,
+    )
+    with torch.no_grad():
+        embeds, _ = pipe.encode_prompt("photo of zkx person", device=torch.device("cpu"))
+    assert "pooled" not in tensors
+    torch.testing.assert_close(tensors["context"], embeds[0].float())
