@@ -16,8 +16,8 @@ from metalora_core.cli.main import main
 from metalora_core.dev.tiny_qwen_image import TINY_QWEN_DIMS, tiny_qwen_image
 from metalora_core.formats import IdentityAdapter, export_lora, fold_identity, load_identity, load_lomd
 from metalora_core.inject import attached, heads_to_adapter, make_heads
-from metalora_core.loras.read import read_lora
 from metalora_core.lomd.seeded import seeded_lomd
+from metalora_core.loras.read import read_lora
 from metalora_core.training.diffusers_backend import DiffusersBackend
 from metalora_core.training.objective import flow_loss
 
