@@ -7,6 +7,7 @@ import os
 
 from ..formats import PROVENANCE_KEY, detect_kind, identity_from_tensors, lomd_from_tensors
 from ..model_files import read_model_dims
+from ..models import family_of
 from ..safeio import fingerprint, load_tensors, read_keys
 from ..training.checkpoint import FORMAT_CHECKPOINT
 from ..training.conditioning import FORMAT_CONDITIONING
@@ -20,7 +21,7 @@ SOURCE_NOTES = {
 }
 
 
-def _flux_summary(path: str) -> dict[str, object] | None:
+def _model_summary(path: str) -> dict[str, object] | None:
     """Header-only summary when ``path`` is a FLUX checkpoint (real ones are 20+ GB: never read them whole)."""
     keys = set(read_keys(path))
     if not keys & {
@@ -31,19 +32,28 @@ def _flux_summary(path: str) -> dict[str, object] | None:
     }:
         return None
     dims, layout = read_model_dims(path)
-    return {
+    summary = {
         "file": path,
-        "kind": "flux",
+        "kind": family_of(dims).name,
         "layout": layout,
         "bytes": os.path.getsize(path),
         "tensors": len(keys),
         "hidden_size": dims.hidden,
-        "double_blocks": dims.depth,
-        "single_blocks": dims.depth_single,
+    }
+    return {
+        **summary,
+        **_blocks(dims),
         "heads": dims.heads,
         "context_dim": dims.context_dim,
         "guidance_distilled": dims.guidance,
     }
+
+
+def _blocks(dims) -> dict[str, int]:
+    """Block counts under each family's own names (FLUX: double + single; Qwen-Image: one kind)."""
+    if family_of(dims).name == "flux":
+        return {"double_blocks": dims.depth, "single_blocks": dims.depth_single}
+    return {"blocks": dims.depth}
 
 
 # the project's other safetensors files, by their ``format`` metadata
@@ -82,15 +92,14 @@ def summarize(path: str) -> dict[str, object]:
         dims, layout = read_model_dims(path)
         return {
             "file": path,
-            "kind": "flux",
+            "kind": family_of(dims).name,
             "layout": layout,
             "hidden_size": dims.hidden,
-            "double_blocks": dims.depth,
-            "single_blocks": dims.depth_single,
+            **_blocks(dims),
         }
-    flux = _flux_summary(path)
-    if flux is not None:
-        return flux
+    model = _model_summary(path)
+    if model is not None:
+        return model
     tensors, metadata = load_tensors(path)
     other = _other_summary(path, tensors, metadata)
     if other is not None:
