@@ -33,6 +33,16 @@ which is what bounds a GPU step when kernels are small. It reports top-level ate
 host dispatches, not counting ops nested inside other ops) and host seconds per step, and ends with
 ``ratio ops_meta_over_floor`` and ``ratio host_meta_over_floor``.
 
+``--family qwen_image``: the same comparison on Qwen-Image (``QwenImageTransformer2DModel``) at its real
+width (hidden 3072, 24 heads of 128, MLP 12288, 3584-wide Qwen2.5-VL text) on a thin slice of ``--depth``
+blocks (default 2: the last block's text-stream layers get no gradient, so presets skip them there; with two
+blocks the first carries every attn_mlp layer). CPU defaults are 64 image + 16 text tokens. Adapter targets,
+heads and peft's layers come from the family-blind API (``resolve_targets``, ``make_heads``,
+``diffusers_pieces``); the table's label and the ratio line name the family
+(``ratio qwen_image_meta_over_floor``). ``--full`` and ``--proxy`` are FLUX-only.
+
+  python bench/train_step.py --family qwen_image --threads 1     # CPU, a few minutes on 2 cores
+
 ``--profile``: ``torch.profiler`` over one step per variant after the timing: host time, device time
 (CUDA kernel time), aten ops, and the top kernels (CUDA) or ops (CPU) by self time.
 """
@@ -58,7 +68,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from metalora_core.adapter import AdapterShape, IdentityHead  # noqa: E402
 from metalora_core.formats import LoMD  # noqa: E402
 from metalora_core.inject import _parent, attach_to_diffusers, detach_heads, make_heads  # noqa: E402
-from metalora_core.targets import FluxDims, diffusers_config_for, diffusers_pieces, resolve_targets  # noqa: E402
+from metalora_core.models import family_of  # noqa: E402
+from metalora_core.targets import (  # noqa: E402
+    FluxDims,
+    QwenImageDims,
+    diffusers_config_for,
+    diffusers_pieces,
+    resolve_targets,
+)
 from metalora_core.training.diffusers_backend import DiffusersBackend  # noqa: E402
 from metalora_core.training.lora_baseline import peft_lora  # noqa: E402
 from metalora_core.training.objective import flow_loss  # noqa: E402
@@ -66,33 +83,37 @@ from metalora_core.training.protocol import TextConditioning  # noqa: E402
 from metalora_core.training.step import CapturedStep, TrainStep  # noqa: E402
 
 
-def build(dims: FluxDims, device: str, dtype: torch.dtype):
-    from diffusers import FluxTransformer2DModel
+def build(dims, device: str, dtype: torch.dtype):
+    """The family's diffusers transformer (``FluxTransformer2DModel``, ``QwenImageTransformer2DModel``) of
+    these sizes, diffusers' own random initialisation under seed 0, frozen."""
+    model_class = family_of(dims).diffusers_class()
 
     torch.manual_seed(0)
     with torch.device(device):
-        model = FluxTransformer2DModel(**diffusers_config_for(dims)).to(dtype)
+        model = model_class(**diffusers_config_for(dims))
+    if dtype != torch.float32:  # (diffusers builds in float32; Qwen-Image warns on a no-op cast)
+        model = model.to(dtype)
     return model.requires_grad_(False).eval()
 
 
-def random_lomd(dims: FluxDims, shape: AdapterShape) -> LoMD:
+def random_lomd(dims, shape: AdapterShape) -> LoMD:
     g = torch.Generator().manual_seed(1)
     downs = {
         t.name: torch.randn(shape.rank_down, t.in_features, generator=g) / t.in_features**0.5
         for t in resolve_targets(dims, "attn_mlp")
     }
-    return LoMD(downs, shape, "flux", dims.hidden)
+    return LoMD(downs, shape, family_of(dims).name, dims.hidden)
 
 
-def step_inputs(dims: FluxDims, img_tokens: int, txt_tokens: int, device: str, dtype: torch.dtype):
+def step_inputs(dims, img_tokens: int, txt_tokens: int, device: str, dtype: torch.dtype):
     """Latents ``(1, C, H, W)``, timestep, noise and text of one step (fixed seed), on the device."""
     side = int(round(img_tokens**0.5))
     g = torch.Generator().manual_seed(2)
     x0 = torch.randn(1, dims.in_channels, 2 * side, 2 * side, generator=g).to(device)
     noise = torch.randn(x0.shape, generator=g).to(device)
-    cond = TextConditioning(
-        torch.randn(txt_tokens, dims.context_dim, generator=g), torch.randn(dims.vec_dim, generator=g)
-    )
+    context = torch.randn(txt_tokens, dims.context_dim, generator=g)
+    pooled = torch.randn(dims.vec_dim, generator=g) if dims.vec_dim else None  # Qwen-Image: no pooled vector
+    cond = TextConditioning(context, pooled)
     return x0, torch.tensor([0.7], device=device), noise, cond.to(device, dtype)
 
 
@@ -427,21 +448,70 @@ def proxy(args) -> int:
     return 0
 
 
+def qwen_image(args) -> int:
+    """Floor / Meta-LoRA / (delta-W) / peft LoRA on a thin slice of Qwen-Image at its real width."""
+    real = args.hidden == 3072
+    dims = QwenImageDims(
+        hidden=args.hidden,
+        mlp_hidden=4 * args.hidden,
+        depth=args.depth,
+        in_channels=16,  # the Wan 2.1 VAE's 16 latent channels (64 after 2x2 packing)
+        context_dim=3584 if real else 32,  # Qwen2.5-VL-7B's hidden size
+        out_channels=16,
+        head_dim=128 if args.hidden % 128 == 0 else 32,
+    )
+    family = family_of(dims)
+    targets = resolve_targets(dims, "attn_mlp")
+    print(
+        f"family {family.name} ({family.label}): hidden {dims.hidden}, {dims.heads} heads of {dims.head_dim}, "
+        f"MLP {dims.mlp_hidden}, text width {dims.context_dim}, {dims.depth} of 60 blocks, "
+        f"{args.image_tokens} image + {args.text_tokens} text tokens, float32, "
+        f"{len(targets)} attn_mlp target layers"
+    )
+    rows, _ = run_config(
+        dims,
+        args.image_tokens,
+        args.text_tokens,
+        args.device,
+        torch.float32,
+        args.warmup,
+        args.iters,
+        False,
+        args.variants or "abcd",
+        label=f"{family.label} ({family.name}), {dims.depth} blocks ",
+        profile=args.profile,
+    )
+    if "a" in rows and "b" in rows:
+        print(f"ratio {family.name}_meta_over_floor {rows['b'][1] / rows['a'][1]:.3f}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument(
+        "--family",
+        choices=("flux", "qwen_image"),
+        default="flux",
+        help="base model family (qwen_image: real Qwen-Image width, a thin slice of --depth blocks)",
+    )
     ap.add_argument(
         "--full", action="store_true", help="FLUX.1-dev size (19 double + 38 single), bf16, 512 and 1024 px"
     )
     ap.add_argument("--proxy", action="store_true", help="CPU proxies of GPU host cost (ops, host s/step)")
     ap.add_argument("--profile", action="store_true", help="torch.profiler over one step per variant")
     ap.add_argument("--hidden", type=int, default=3072)
-    ap.add_argument("--image-tokens", type=int, default=1024)
-    ap.add_argument("--text-tokens", type=int, default=256)
+    ap.add_argument("--image-tokens", type=int, default=None, help="default 1024 (qwen_image on the CPU: 64)")
+    ap.add_argument("--text-tokens", type=int, default=None, help="default 256 (qwen_image on the CPU: 16)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--variants", default="", help="subset of abcde (default: abcd; abde with --full)")
-    ap.add_argument("--depth", type=int, default=19, help="--full/--proxy: double blocks (FLUX.1-dev: 19)")
+    ap.add_argument(
+        "--depth",
+        type=int,
+        default=None,
+        help="--full/--proxy: double blocks (default 19, FLUX.1-dev's); qwen_image: blocks (default 2)",
+    )
     ap.add_argument(
         "--depth-single", type=int, default=38, help="--full/--proxy: single blocks (FLUX.1-dev: 38)"
     )
@@ -449,6 +519,15 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpointing", default="off,on", help="--full: off, on, or off,on")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args(argv)
+    if args.family != "flux" and (args.full or args.proxy):
+        ap.error("--full and --proxy time FLUX.1 only; --family qwen_image times a thin slice")
+    small = args.family == "qwen_image" and args.device == "cpu"  # a CPU run of a Qwen-Image slice
+    if args.depth is None:
+        args.depth = 2 if args.family == "qwen_image" else 19
+    if args.image_tokens is None:
+        args.image_tokens = 64 if small else 1024
+    if args.text_tokens is None:
+        args.text_tokens = 16 if small else 256
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}")
@@ -482,6 +561,8 @@ def main(argv=None) -> int:
         if best in first:
             print(f"\n375 Meta-LoRA steps at {sizes[0]} px ({NAMES[best]}): {375 * first[best][1]:.1f} s")
         rows = first
+    elif args.family == "qwen_image":
+        return qwen_image(args)
     else:
         heads = args.hidden // 128
         dims = FluxDims(

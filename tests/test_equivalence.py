@@ -7,9 +7,9 @@ import torch
 
 from metalora_core.adapter import merge_into
 from metalora_core.dev.tiny_flux import example_inputs
-from metalora_core.model_files import load_diffusers_model
 from metalora_core.formats import export_lora, fold_identity, load_identity, load_lomd
 from metalora_core.inject import attached, detach_heads
+from metalora_core.model_files import load_diffusers_model
 from metalora_core.safeio import load_tensors
 from metalora_core.targets import bfl_to_diffusers
 

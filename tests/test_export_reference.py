@@ -17,9 +17,9 @@ import torch
 from metalora_core.adapter import AdapterShape
 from metalora_core.dev.random_assets import random_adapter, random_lomd
 from metalora_core.dev.tiny_flux import example_inputs
-from metalora_core.model_files import load_diffusers_model
 from metalora_core.formats import export_lora
 from metalora_core.inject import attached, set_strength
+from metalora_core.model_files import load_diffusers_model
 from metalora_core.safeio import load_tensors
 from tests.pack_import import pack_module
 

@@ -11,7 +11,6 @@ from safetensors.torch import save_file
 
 from metalora_core.adapter import AdapterShape
 from metalora_core.errors import FingerprintMismatch, MetaLoRAError
-from metalora_core.model_files import fused_shapes, read_model_dims
 from metalora_core.formats import (
     LoMD,
     check_lomd_fits,
@@ -23,6 +22,7 @@ from metalora_core.formats import (
     save_identity,
     save_lomd,
 )
+from metalora_core.model_files import fused_shapes, read_model_dims
 from metalora_core.safeio import fingerprint, load_tensors, save_tensors
 from metalora_core.targets import diffusers_pieces, kohya_name
 

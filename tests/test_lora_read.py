@@ -8,7 +8,6 @@ from safetensors.torch import save_file
 
 from metalora_core.dev.synthetic_loras import LAYOUTS, SPLIT_LAYOUTS, write_lora
 from metalora_core.dev.tiny_flux import TINY_DIMS
-from metalora_core.model_files import read_model_dims
 from metalora_core.formats import export_lora, fold_identity, load_identity, load_lomd
 from metalora_core.loras import (
     DamagedLoraError,
@@ -19,6 +18,7 @@ from metalora_core.loras import (
     scan_lora,
     scan_loras,
 )
+from metalora_core.model_files import read_model_dims
 from metalora_core.targets import diffusers_pieces, layer_shape
 
 D = TINY_DIMS

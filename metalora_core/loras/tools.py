@@ -21,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from ..errors import MetaLoRAError
 from ..formats import save_lora
 from ..model_files import read_model_dims
+from ..models import family_of
 from ..targets import FluxDims, resolve_targets
 from .lowrank import Factors, Truncation, choose_rank, compress, dense_svd, truncate, weighted_sum
 from .read import LoraFile, content_hash, iter_layers, scan_lora
@@ -226,14 +227,20 @@ def extract(
     """A LoRA of ``tuned - base`` by truncated (randomized) SVD, one layer at a time.
 
     ``rank`` is the rank written (with ``energy``: the cap, the rank then being the smallest reaching that
-    fraction of each layer's ``||delta||_F^2``). Unchanged layers are skipped. Both checkpoints are BFL /
-    ComfyUI single files; they are never loaded whole."""
+    fraction of each layer's ``||delta||_F^2``). Unchanged layers are skipped. Both checkpoints are ComfyUI
+    single files (FLUX.1 in BFL names, Qwen-Image in its own); they are never loaded whole."""
     if rank < 1:
         raise MetaLoRAError(f"extract: rank {rank}; use 1 or more (with an energy fraction it is the cap)")
     dims_b, layout_b = read_model_dims(base)
     dims_t, layout_t = read_model_dims(tuned)
-    if "diffusers" in (layout_b, layout_t):
-        raise MetaLoRAError("extract reads BFL / ComfyUI single-file FLUX checkpoints, not diffusers folders")
+    if Path(base).is_dir() or Path(tuned).is_dir():
+        raise MetaLoRAError(
+            "extract reads single-file checkpoints (ComfyUI's diffusion_models files), not folders"
+        )
+    if "diffusers" in (layout_b, layout_t) and family_of(dims_b).name == "flux":
+        raise MetaLoRAError(
+            "extract reads BFL / ComfyUI single-file FLUX checkpoints, not diffusers-named ones"
+        )
     if dims_b != dims_t:
         raise MetaLoRAError(f"{tuned} ({dims_t}) and {base} ({dims_b}) are different model sizes")
     targets = resolve_targets(dims_b, preset)

@@ -30,9 +30,7 @@ def main() -> None:
     try:
         assets = {k: Path(v) for k, v in paths.items()}
         data, plan, prepared = _build(assets, config.identities_per_batch, config.seed, ctx.owns)
-        trainer = MetaTrainer(
-            DiffusersBackend.from_path(assets["flux"]), data, plan, prepared, config, ctx
-        )
+        trainer = MetaTrainer(DiffusersBackend.from_path(assets["flux"]), data, plan, prepared, config, ctx)
         result = trainer.train()
         save_lomd(out / f"rank{ctx.rank}.safetensors", result.lomd)
         (out / f"rank{ctx.rank}.json").write_text(json.dumps({"losses": result.losses, "world": ctx.world}))
