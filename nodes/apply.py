@@ -34,13 +34,16 @@ class MetaLoRAApply(io.ComfyNode):
             display_name="Apply Meta-LoRA Identity",
             category=f"{CATEGORY}/apply",
             description=(
-                "Puts a personalized identity into a FLUX model: adds strength * Up @ Mid @ Down to each "
+                "Puts a personalized identity into a FLUX.1 or Qwen-Image model: adds strength * Up @ Mid @ Down to each "
                 "targeted weight through ComfyUI's own weight patching (works with fp8, GGUF and low-VRAM "
                 "offloading). Returns a patched copy; the incoming MODEL is unchanged and removing this node "
                 "leaves no trace. Several Apply nodes can be chained."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="The FLUX diffusion model (e.g. from Load Diffusion Model)."),
+                io.Model.Input(
+                    "model",
+                    tooltip="The FLUX.1 or Qwen-Image diffusion model (e.g. from Load Diffusion Model).",
+                ),
                 LoMDType.Input(
                     "lomd", tooltip="The LoMD the identity was trained with (Load Meta-LoRA LoMD)."
                 ),

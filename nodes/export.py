@@ -65,7 +65,8 @@ class MetaLoRAExportLoRA(io.ComfyNode):
         check_pair(lomd, identity)
         folder = loras_dir()
         path = target_path(folder, filename, overwrite)
-        # kohya names are the canonical FLUX names: no diffusers slicing, so no model sizes are needed
+        # kohya names are the canonical names (FLUX.1's BFL modules, Qwen-Image's own): no diffusers slicing,
+        # so no model sizes are needed; the family comes from the layer names
         export_lora(path, lomd, identity, None, "kohya", float(strength), DTYPES[dtype])
         name = path.relative_to(folder.resolve()).as_posix()
         return io.NodeOutput(name, ui=ui.PreviewText(f"wrote {path} (load it as '{name}')"))

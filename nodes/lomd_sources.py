@@ -18,16 +18,18 @@ from ..metalora_core.errors import MetaLoRAError
 from ..metalora_core.formats import save_lomd
 from ..metalora_core.lomd.distill import DistillCancelled, DistillConfig, distill_lomd
 from ..metalora_core.lomd.seeded import seeded_lomd_for_shapes
-from ..metalora_core.targets import DEFAULT_PRESET, PRESET_HELP, FluxDims, resolve_targets
+from ..metalora_core.models import FAMILIES, family_of
+from ..metalora_core.targets import DEFAULT_PRESET, PRESET_HELP, FluxDims, QwenImageDims, resolve_targets
 from .comfy_folders.lora_selection import ALL, select_loras, subfolders
 from .comfy_folders.model_folders import metalora_dir
 from .comfy_model.model_shapes import model_target_shapes
-from .comfy_training.backend import check_flux1, flux_dims
+from .comfy_training.families import model_dims
 from .files import target_path
 from .types import CATEGORY, LoMDType, fixed_seed_input
 
-TARGETS_TOOLTIP = "Layers the LoMD covers (Train and Apply use exactly these). " + "; ".join(
-    f"{k}: {v}" for k, v in PRESET_HELP.items()
+TARGETS_TOOLTIP = "Layers the LoMD covers (Train and Apply use exactly these). " + " ".join(
+    f"{family.label}: " + "; ".join(f"{k}: {v}" for k, v in family.presets.items()) + "."
+    for family in FAMILIES.values()
 )
 
 
@@ -47,9 +49,10 @@ def _rank_inputs() -> list[io.Input]:
     ]
 
 
-def model_targets(model, preset: str) -> tuple[FluxDims, dict[str, tuple[int, int]]]:
-    """FLUX sizes of the MODEL and ``{target: (out, in)}`` of the preset, from its LOGICAL weight shapes."""
-    dims = flux_dims(check_flux1(model))
+def model_targets(model, preset: str) -> tuple[FluxDims | QwenImageDims, dict[str, tuple[int, int]]]:
+    """Sizes of the MODEL (its family's) and ``{target: (out, in)}`` of the preset, from its LOGICAL weight
+    shapes (GGUF included)."""
+    dims = model_dims(model)
     shapes = model_target_shapes(model)
     out = {}
     for target in resolve_targets(dims, preset):
@@ -58,7 +61,7 @@ def model_targets(model, preset: str) -> tuple[FluxDims, dict[str, tuple[int, in
         if shapes[target.name] != (target.out_features, target.in_features):
             raise MetaLoRAError(
                 f"MODEL input: layer '{target.name}' has shape {shapes[target.name]}, expected "
-                f"{(target.out_features, target.in_features)} for a FLUX of width {dims.hidden}"
+                f"{(target.out_features, target.in_features)} for a {family_of(dims).label} of width {dims.hidden}"
             )
         out[target.name] = shapes[target.name]
     return dims, out
@@ -81,7 +84,7 @@ class MetaLoRASeededLoMD(io.ComfyNode):
             inputs=[
                 io.Model.Input(
                     "model",
-                    tooltip="The FLUX.1 model the LoMD is for (its layer sizes are read, not changed).",
+                    tooltip="The FLUX.1 or Qwen-Image model the LoMD is for (its layer sizes are read, not changed).",
                 ),
                 *_rank_inputs(),
                 fixed_seed_input(
@@ -117,14 +120,15 @@ class MetaLoRADistillLoMD(io.ComfyNode):
             display_name="Distill LoMD from LoRAs",
             category=f"{CATEGORY}/loaders",
             description=(
-                "Distils a LoMD from FLUX person/character LoRAs you already have in models/loras: per layer, "
-                "the input subspace their changes share (every LoRA weighs the same). Reads kohya, ComfyUI "
+                "Distils a LoMD from FLUX.1 or Qwen-Image person/character LoRAs you already have in "
+                "models/loras: per layer, the input subspace their changes share (every LoRA weighs the same). Reads kohya, ComfyUI "
                 "and diffusers/peft files one at a time; LoRAs for another model or with NaN are skipped and "
                 "named in the report. Layers no LoRA covers get a seeded Down. Cancel stops it."
             ),
             inputs=[
                 io.Model.Input(
-                    "model", tooltip="The FLUX.1 model the LoMD is for (sizes are read, not changed)."
+                    "model",
+                    tooltip="The FLUX.1 or Qwen-Image model the LoMD is for (sizes are read, not changed).",
                 ),
                 io.Combo.Input(
                     "folder",

@@ -1,7 +1,9 @@
-"""MetaLoRATrainIdentity: personalize FLUX.1 to one photo inside the graph, on the model ComfyUI loaded.
+"""MetaLoRATrainIdentity: personalize FLUX.1 or Qwen-Image to one photo inside the graph, on the model
+ComfyUI loaded.
 
 A thin node: it turns the inputs into training views (metalora_core's augmentation pipeline), encodes them
-once with the graph's VAE, and runs metalora_core's ``personalize`` with :class:`ComfyFluxBackend`.
+once with the graph's VAE, and runs metalora_core's ``personalize`` with the backend of the MODEL's family
+(:func:`.comfy_training.families.make_backend`).
 Progress goes to ComfyUI's progress bar and to the ``metalora.train_progress`` event (the live loss chart);
 the Cancel button stops training before the next step and leaves nothing behind.
 """
@@ -23,10 +25,13 @@ from ..metalora_core.training.personalize import PersonalizeConfig, personalize
 from ..metalora_core.training.protocol import Progress, TrainingCancelled
 from ..metalora_core.training.schedules import SCHEDULES, capped_warmup
 from .comfy_folders.model_folders import face_models
-from .comfy_training.backend import ComfyFluxBackend
+from .comfy_training.families import make_backend
 from .comfy_training.glue import (
     PROGRESS_EVENT,
+    check_vae_latents,
+    encode_views,
     eta_text,
+    image_latents,
     loss_map,
     progress_event,
     text_conditioning,
@@ -71,7 +76,7 @@ class MetaLoRATrainIdentity(io.ComfyNode):
             display_name="Meta-LoRA Train Identity",
             category=f"{CATEGORY}/training",
             description=(
-                "Personalizes FLUX.1 to the person in ONE photo: trains a Meta-LoRA identity (Mid + Up layers "
+                "Personalizes FLUX.1 or Qwen-Image to the person in ONE photo: trains a Meta-LoRA identity (Mid + Up layers "
                 "on the frozen LoMD) for a few hundred steps on the model ComfyUI already loaded (fp8, GGUF "
                 "and low-VRAM offloading keep working). The incoming MODEL is never changed; Cancel stops it "
                 "before the next step. Connect the identity to Meta-LoRA Apply, the loss to Plot Loss Graph."
@@ -79,11 +84,11 @@ class MetaLoRATrainIdentity(io.ComfyNode):
             inputs=[
                 io.Model.Input(
                     "model",
-                    tooltip="The FLUX.1 model to personalize (e.g. flux1-dev from Load Diffusion Model). It is not modified.",
+                    tooltip="The FLUX.1 or Qwen-Image model to personalize (e.g. flux1-dev or qwen_image from Load Diffusion Model). It is not modified.",
                 ),
                 io.Vae.Input(
                     "vae",
-                    tooltip="The FLUX VAE (ae.safetensors); encodes the training views once before training.",
+                    tooltip="The model's VAE (FLUX: ae.safetensors, Qwen-Image: qwen_image_vae.safetensors); encodes the training views once before training.",
                 ),
                 io.Conditioning.Input(
                     "positive",
@@ -229,11 +234,13 @@ class MetaLoRATrainIdentity(io.ComfyNode):
                     "face is clearly visible, or set face_model to 'none'"
                 )
         with torch.inference_mode(False), torch.enable_grad():
-            backend = ComfyFluxBackend(model)
+            backend = make_backend(model)
             cond = text_conditioning(positive, backend.dims)
             pixels, weights = training_views(photo, views, resolution, bucketing, augmentation, seed, box)
             with torch.no_grad():  # encoded once, in the model's latent space (as KSampler sees latents)
-                latents = model.model.process_latent_in(vae.encode(pixels).float()).float().cpu()
+                encoded = encode_views(vae, pixels).float()
+                check_vae_latents(encoded, model.model.latent_format.latent_dimensions, backend.dims)
+                latents = image_latents(model.model.process_latent_in(encoded).float().cpu())
             backend.memory_required = activation_bytes(
                 backend.dims,
                 tuple(latents.shape[-2:]),

@@ -15,18 +15,35 @@ import numpy as np
 import torch
 
 from ...metalora_core.errors import MetaLoRAError
-from ...metalora_core.targets import FluxDims
+from ...metalora_core.models import family_of
+from ...metalora_core.models.family import ModelDims
 from ...metalora_core.training.data import AugmentConfig, crop_window, face_loss_weights, make_views
 from ...metalora_core.training.protocol import Progress, TextConditioning
 
 PROGRESS_EVENT = "metalora.train_progress"
 
 
-def text_conditioning(positive: object, dims: FluxDims | None = None) -> TextConditioning:
+# What ComfyUI loads each family's text encoder / VAE with, for the errors on a mismatched input.
+TEXT_ENCODERS = {
+    "flux": "the FLUX text encoders (DualCLIPLoader, type flux)",
+    "qwen_image": "Qwen2.5-VL (CLIPLoader, type qwen_image)",
+}
+# Families whose ComfyUI model honours the CONDITIONING's ``attention_mask`` when sampling (FLUX's ignores it).
+MASKED = {"qwen_image"}
+VAES = {
+    "flux": "the FLUX VAE (ae.safetensors)",
+    "qwen_image": "the Qwen-Image VAE (qwen_image_vae.safetensors)",
+}
+
+
+def text_conditioning(positive: object, dims: ModelDims | None = None) -> TextConditioning:
     """The prompt of a ComfyUI CONDITIONING (``[[tokens (1, T, D), {"pooled_output": (1, V), ...}]]``).
 
     Tensors are cloned: ComfyUI creates them under inference mode and autograd cannot use those. Any
-    ``guidance`` FluxGuidance put there is for sampling; training feeds FLUX.1-dev's embedder 1.0.
+    ``guidance`` FluxGuidance put there is for sampling; training feeds FLUX.1-dev's embedder 1.0. A family
+    without a pooled vector (Qwen-Image) ignores one. The trainer attends to every token (no padding mask):
+    where sampling honours an ``attention_mask`` (Qwen-Image), the trailing padding it hides is trimmed
+    instead, which is the same attention.
     """
     if not isinstance(positive, (list, tuple)) or not positive:
         raise MetaLoRAError("positive input: expected a CONDITIONING from CLIP Text Encode")
@@ -43,19 +60,70 @@ def text_conditioning(positive: object, dims: FluxDims | None = None) -> TextCon
         raise MetaLoRAError(
             f"positive input: expected text features (1, tokens, dim), got {tuple(tokens.shape)}"
         )
+    family = family_of(dims) if dims is not None else None
     if dims is not None and tokens.shape[-1] != dims.context_dim:
         raise MetaLoRAError(
-            f"positive input: text features are {tokens.shape[-1]} wide, this FLUX expects {dims.context_dim}; "
-            "encode the prompt with the FLUX text encoders (DualCLIPLoader, type flux)"
+            f"positive input: text features are {tokens.shape[-1]} wide, this {family.label} expects "
+            f"{dims.context_dim}; encode the prompt with {TEXT_ENCODERS.get(family.name, 'its text encoder')}"
         )
+    masked = family is not None and family.name in MASKED
+    context = _unpadded(tokens[0], extra.get("attention_mask")) if masked else tokens[0]
     pooled = extra.get("pooled_output")
+    if pooled is not None and dims is not None and not dims.vec_dim:
+        pooled = None  # no pooled input in this family
     if pooled is not None:
         pooled = pooled.reshape(-1).clone()
-        if dims is not None and dims.vec_dim and pooled.shape[0] != dims.vec_dim:
+        if dims is not None and pooled.shape[0] != dims.vec_dim:
             raise MetaLoRAError(
-                f"positive input: pooled CLIP vector is {pooled.shape[0]} wide, this FLUX expects {dims.vec_dim}"
+                f"positive input: pooled CLIP vector is {pooled.shape[0]} wide, this {family.label} "
+                f"expects {dims.vec_dim}"
             )
-    return TextConditioning(tokens[0].clone(), pooled)
+    return TextConditioning(context.clone(), pooled)
+
+
+def _unpadded(tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``tokens`` without the trailing padding an attention mask hides (a mask with holes is refused)."""
+    if mask is None:
+        return tokens
+    keep = mask.reshape(-1).bool()
+    if keep.shape[0] != tokens.shape[0]:
+        raise MetaLoRAError(
+            f"positive input: attention mask has {keep.shape[0]} entries for {tokens.shape[0]} tokens"
+        )
+    n = int(keep.sum())
+    if not keep[:n].all():
+        raise MetaLoRAError(
+            "positive input: the attention mask hides tokens inside the prompt; train on a plain "
+            "CLIP Text Encode (only trailing padding can be left out)"
+        )
+    return tokens[:n]
+
+
+def check_vae_latents(latents: torch.Tensor, latent_dimensions: int, dims: ModelDims) -> None:
+    """The VAE's latents are the model's kind: ``(N, C, H, W)`` or, for a model with video latents
+    (Qwen-Image's Wan 2.1 VAE), ``(N, C, 1, H, W)``, with the model's latent channels."""
+    family = family_of(dims)
+    shape = tuple(latents.shape)
+    frames_ok = latent_dimensions == 2 or (latents.ndim == 5 and shape[2] == 1)
+    if latents.ndim != 2 + latent_dimensions or shape[1] != dims.in_channels or not frames_ok:
+        raise MetaLoRAError(
+            f"vae input: this VAE encodes an image as latents of shape {shape}; {family.label} needs "
+            f"{dims.in_channels}-channel {'single-frame video ' if latent_dimensions == 3 else ''}latents: "
+            f"connect {VAES.get(family.name, 'the VAE of this model')}"
+        )
+
+
+def image_latents(latents: torch.Tensor) -> torch.Tensor:
+    """``(N, C, H, W)`` for the trainer: the single frame axis of video-VAE latents removed."""
+    return latents.squeeze(2) if latents.ndim == 5 else latents
+
+
+def encode_views(vae: object, pixels: torch.Tensor) -> torch.Tensor:
+    """``vae.encode`` of each view. A video VAE (``latent_dim`` 3: Qwen-Image's Wan 2.1) reads a batch of
+    images as the frames of ONE clip, so there each view is encoded alone (one frame each)."""
+    if getattr(vae, "latent_dim", 2) == 3:
+        return torch.cat([vae.encode(pixels[i : i + 1]) for i in range(pixels.shape[0])])
+    return vae.encode(pixels)
 
 
 def loss_map(losses: Sequence[float]) -> dict[str, list[float]]:

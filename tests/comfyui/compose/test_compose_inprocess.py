@@ -12,8 +12,8 @@ import torch
 from metalora_core.adapter import AdapterShape, delta_weight
 from metalora_core.dev.random_assets import random_adapter, random_lomd
 from metalora_core.errors import MetaLoRAError
-from metalora_core.model_files import read_model_dims
 from metalora_core.formats import export_lora
+from metalora_core.model_files import read_model_dims
 
 TOL = dict(atol=1e-5, rtol=1e-6)  # float64 model; ComfyUI returns samples in float32
 

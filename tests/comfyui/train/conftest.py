@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from metalora_core.dev.tiny_flux import TINY_DIMS, write_tiny_flux
+from tests.comfyui.train.helpers import load_qwen
 from tests.pack_import import PACK as PACK_PREFIX
 from tests.pack_import import pack_module
 
@@ -107,5 +108,13 @@ def load(comfy):
 def flux64(comfy, tiny_bfl):
     """The tiny FLUX in float64, its inference-mode weights made autograd-usable as the backend does."""
     patcher = load_flux(comfy, tiny_bfl, torch.float64)
-    assert pack_module("comfy_training.backend").materialize_inference_tensors(patcher.model) > 0
+    assert pack_module("comfy_training.base").materialize_inference_tensors(patcher.model) > 0
+    return patcher
+
+
+@pytest.fixture(scope="package")
+def qwen64(comfy):
+    """The tiny Qwen-Image in float64, its weights made autograd-usable as the backend does."""
+    patcher = load_qwen(comfy, torch.float64)
+    assert pack_module("comfy_training.base").materialize_inference_tensors(patcher.model) > 0
     return patcher

@@ -10,11 +10,17 @@ from metalora_core.dev.random_assets import random_adapter, random_lomd
 from metalora_core.inject import make_heads
 from metalora_core.training.objective import noisy_latents
 from metalora_core.training.protocol import FluxBackend, TextConditioning
+from tests.comfyui.train.helpers import directional_check
 
 
 @pytest.fixture(scope="module")
 def backend_mod(comfy, pack):
     return pack("comfy_training.backend")
+
+
+@pytest.fixture(scope="module")
+def base_mod(comfy, pack):
+    return pack("comfy_training.base")
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +73,9 @@ def test_velocity_matches_comfyuis_own_denoiser(flux64, backend_mod):
     assert (v - v_guid1).abs().max() > 1e-4  # guidance reaches the model
 
 
-def test_heads_equal_merged_weights_and_leave_no_trace(comfy, flux64, tiny_bfl, lomd, backend_mod, load):
+def test_heads_equal_merged_weights_and_leave_no_trace(
+    comfy, flux64, tiny_bfl, lomd, backend_mod, base_mod, load
+):
     backend = backend_mod.ComfyFluxBackend(flux64)
     heads = _heads(backend, lomd, tiny_bfl)
     cond, x_t = _cond(backend.dims, seed=3), _latents(seed=4)
@@ -83,7 +91,7 @@ def test_heads_equal_merged_weights_and_leave_no_trace(comfy, flux64, tiny_bfl, 
     assert not comfy.model_management.in_training
 
     merged = load(tiny_bfl, torch.float64)
-    backend_mod.materialize_inference_tensors(merged.model)
+    base_mod.materialize_inference_tensors(merged.model)
     with torch.no_grad():
         for key, head in heads.items():
             merged.model.diffusion_model.get_submodule(key.replace("__", ".")).weight += head.delta_weight()
@@ -110,22 +118,10 @@ def test_gradient_matches_finite_differences(flux64, tiny_bfl, lomd, backend_mod
     cond, x0, noise = _cond(backend.dims, seed=5), _latents(seed=6), _latents(seed=7)
     t = torch.tensor([0.4, 0.8], dtype=torch.float64)
     params = [p for h in heads.values() for p in (h.mid, h.up)]
-    g = torch.Generator().manual_seed(8)
-    direction = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in params]
     with backend.session():
-        loss = _loss(backend, heads, x0, cond, t, noise)
-        grads = torch.autograd.grad(loss, params)
-        analytic = sum((gr * d).sum() for gr, d in zip(grads, direction))
-        eps = 1e-4
-        values = []
-        with torch.no_grad():
-            for sign in (1, -1):
-                for p, d in zip(params, direction):
-                    p.add_(sign * eps * d)
-                values.append(_loss(backend, heads, x0, cond, t, noise))
-                for p, d in zip(params, direction):
-                    p.sub_(sign * eps * d)
-    numeric = (values[0] - values[1]) / (2 * eps)
+        analytic, numeric = directional_check(
+            lambda: _loss(backend, heads, x0, cond, t, noise), params, eps=1e-4, seed=8
+        )
     assert abs(analytic) > 1e-3
     assert abs(numeric - analytic) <= 1e-4 * abs(analytic), (numeric.item(), analytic.item())
 
@@ -140,13 +136,13 @@ def test_not_flux_is_refused(backend_mod):
         backend_mod.ComfyFluxBackend(NotAPatcher())
 
 
-def test_only_inference_tensors_on_the_compute_device_are_copied(backend_mod):
+def test_only_inference_tensors_on_the_compute_device_are_copied(base_mod):
     with torch.inference_mode():
         layer = torch.nn.Linear(3, 2)
     before = layer.weight
-    assert backend_mod.materialize_inference_tensors(layer, torch.device("meta")) == 0  # elsewhere: kept
+    assert base_mod.materialize_inference_tensors(layer, torch.device("meta")) == 0  # elsewhere: kept
     assert layer.weight is before
-    assert backend_mod.materialize_inference_tensors(layer, torch.device("cpu")) == 2
+    assert base_mod.materialize_inference_tensors(layer, torch.device("cpu")) == 2
     assert not layer.weight.is_inference() and torch.equal(layer.weight, before)
     assert not layer.weight.requires_grad
-    assert backend_mod.materialize_inference_tensors(layer) == 0  # nothing left to copy
+    assert base_mod.materialize_inference_tensors(layer) == 0  # nothing left to copy

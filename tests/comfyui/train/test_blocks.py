@@ -12,23 +12,15 @@ import copy
 import pytest
 import torch
 
-from metalora_core.adapter import IdentityHead
 from metalora_core.targets import DOUBLE_ATTN, DOUBLE_MLP, DOUBLE_MOD, SINGLE_CORE, SINGLE_MOD
-
-
-def _head(out_f: int, in_f: int, seed: int, up_std: float = 0.05) -> IdentityHead:
-    g = torch.Generator().manual_seed(seed)
-    down = torch.randn(4, in_f, generator=g, dtype=torch.float64) / in_f**0.5
-    mid = torch.randn(8, 4, generator=g, dtype=torch.float64)
-    up = up_std * torch.randn(out_f, 8, generator=g, dtype=torch.float64)
-    return IdentityHead(down, out_f, 8, scale=1.0, mid_init=mid, up_init=up)
+from tests.comfyui.train.helpers import random_head
 
 
 def _heads_for(block, layers, up_std=0.05, seed=0):
     heads = {}
     for i, layer in enumerate(layers):
         lin = block.get_submodule(layer)
-        heads[layer] = _head(lin.weight.shape[0], lin.weight.shape[1], seed + i, up_std)
+        heads[layer] = random_head(lin.weight.shape[0], lin.weight.shape[1], seed + i, up_std)
     return heads
 
 

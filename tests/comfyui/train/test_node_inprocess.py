@@ -77,22 +77,23 @@ def inputs(tiny_bfl):
     }
 
 
+SETTINGS = dict(
+    lr_mid=1e-3,
+    lr_up=1e-3,
+    rank_mid=0,
+    seed=0,
+    resolution=256,
+    bucketing=True,
+    views=2,
+    augmentation=0.5,
+    schedule="constant",
+    warmup_steps=0,
+    gradient_checkpointing=True,
+)
+
+
 def _run(node, model, inputs, steps=3, **overrides):
-    settings = dict(
-        steps=steps,
-        lr_mid=1e-3,
-        lr_up=1e-3,
-        rank_mid=0,
-        seed=0,
-        resolution=256,
-        bucketing=True,
-        views=2,
-        augmentation=0.5,
-        schedule="constant",
-        warmup_steps=0,
-        gradient_checkpointing=True,
-    )
-    settings.update(overrides)
+    settings = {**SETTINGS, "steps": steps, **overrides}
     with torch.inference_mode():  # how ComfyUI's executor calls every node
         return node.execute(model=model, **inputs, **settings)
 

@@ -1,4 +1,4 @@
-"""The in-ComfyUI trainer and the standalone trainer (DiffusersFluxBackend) on the SAME BFL weights.
+"""The in-ComfyUI trainer and the standalone trainer (DiffusersBackend) on the SAME BFL weights.
 
 Both load tests' tiny BFL FLUX in float64 (ComfyUI through its own loader, diffusers through our BFL ->
 diffusers conversion) and must agree on sizes, velocities, Mid/Up gradients and the first training steps,
@@ -14,7 +14,7 @@ import torch
 from metalora_core.adapter import AdapterShape
 from metalora_core.dev.random_assets import random_adapter, random_lomd
 from metalora_core.inject import make_heads
-from metalora_core.training.diffusers_backend import DiffusersFluxBackend
+from metalora_core.training.diffusers_backend import DiffusersBackend
 from metalora_core.training.objective import flow_loss
 from metalora_core.training.personalize import PersonalizeConfig, personalize
 from metalora_core.training.protocol import TextConditioning
@@ -23,7 +23,7 @@ from metalora_core.training.protocol import TextConditioning
 @pytest.fixture(scope="module")
 def backends(comfy, pack, flux64, tiny_bfl):
     comfy_backend = pack("comfy_training.backend").ComfyFluxBackend(flux64)
-    standalone = DiffusersFluxBackend.from_path(tiny_bfl, dtype=torch.float64)
+    standalone = DiffusersBackend.from_path(tiny_bfl, dtype=torch.float64)
     with comfy_backend.session():
         yield comfy_backend, standalone
 
