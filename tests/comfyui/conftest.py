@@ -14,6 +14,9 @@ One server per session (start-up is the slow part). The base folder holds:
 - models/insightface/models/tiny/ (tiny ONNX detector + recognizer; the detector finds magenta frames)
 - input/face_a.png, face_a2.png, face_b.png (painted faces), noface.png
 - extra_models/metalora/lomd_extra.safetensors, registered only by extra_model_paths.yaml
+- models/diffusion_models/tiny_qwen_image.safetensors (bf16, ~760 MB), written only when a test asks for the
+  ``tiny_qwen_image`` fixture: ComfyUI's Qwen-Image at its real width (it reads only depth and input channels
+  from a file) with one block
 - with COMFYUI_GGUF_PATH (city96's ComfyUI-GGUF, copied into custom_nodes/): models/diffusion_models/
   tiny_flux-F16.gguf, -Q8_0.gguf and -Q4_0.gguf, the tiny FLUX as ComfyUI-GGUF's convert tool writes it
 """
@@ -100,9 +103,9 @@ def comfy_base(comfyui_path, tmp_path_factory) -> Path:
     from metalora_core.dev.random_assets import random_adapter, random_lomd
     from metalora_core.dev.tiny_faces import write_tiny_face_models
     from metalora_core.dev.tiny_flux import TINY_DIMS, tiny_dims, write_tiny_flux
-    from metalora_core.model_files import read_model_dims
     from metalora_core.formats import export_lora, save_identity, save_lomd
     from metalora_core.lomd.seeded import seeded_lomd
+    from metalora_core.model_files import read_model_dims
 
     base = build_base_dir(tmp_path_factory.mktemp("comfy_base"))
     models = base / "models"
@@ -147,6 +150,22 @@ def comfy_base(comfyui_path, tmp_path_factory) -> Path:
         f"metalora_tests:\n    base_path: {extra}\n    metalora: metalora\n"
     )
     return base
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_image(comfy_base) -> Path:
+    """models/diffusion_models/tiny_qwen_image.safetensors in the test base, written on first use (~15 s, ~760 MB
+    in bfloat16): ComfyUI detects a Qwen-Image file from its tensor names and reads only its depth and input
+    channels, so the file has Qwen-Image's real width (3072, text 3584) and ONE block (~380 M parameters)."""
+    import torch
+
+    from metalora_core.dev.tiny_qwen_image import COMFY_QWEN_DIMS, write_tiny_qwen_image
+    from tests.comfyui.workflows import TINY_QWEN_FILE
+
+    path = comfy_base / "models" / "diffusion_models" / TINY_QWEN_FILE
+    if not path.is_file():  # (written atomically)
+        write_tiny_qwen_image(path, COMFY_QWEN_DIMS, seed=0, dtype=torch.bfloat16)
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,8 @@
 """Headless: each example workflow through comfy-cli (``comfy run --workflow <file> --wait``) against a running
 server, the route docs/comfyui.md documents. comfy-cli converts the UI-format file itself (from /object_info);
 its conversion must equal the front end's, the unmodified file must fail only on missing model files, and the
-converted prompt with the tiny FLUX substituted must run to completion through ``comfy run --wait``."""
+converted prompt with the tiny FLUX (Qwen-Image example: the tiny Qwen-Image) substituted must run to completion
+through ``comfy run --wait``."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import uuid
 
 import pytest
 
-from tests.comfyui.workflows import ALL, EXAMPLES, FILE_INPUTS, on_tiny_flux
+from tests.comfyui.workflows import ALL, EXAMPLES, FILE_INPUTS, QWEN_IMAGE, on_tiny_model
 
 pytestmark = pytest.mark.skipif(
     shutil.which("comfy") is None, reason="needs comfy-cli (pip install comfy-cli)"
@@ -56,14 +57,19 @@ def test_comfy_cli_run_fails_only_on_missing_models(comfy, home, name):
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_comfy_cli_runs_each_workflow_on_the_tiny_flux(comfy, comfy_base, home, tmp_path, name):
+def test_comfy_cli_runs_each_workflow_on_the_tiny_flux(comfy, comfy_base, home, tmp_path, request, name):
+    if name in QWEN_IMAGE:
+        request.getfixturevalue("tiny_qwen_image")
     rc, envelope = comfy_cli(comfy, home, "--workflow", str(EXAMPLES / f"{name}.json"), "--print-prompt")
     assert rc == 0, envelope
     tag = uuid.uuid4().hex[:8]
     api = tmp_path / "api.json"
-    api.write_text(json.dumps(on_tiny_flux(envelope["data"]["prompt"], tag)))
+    api.write_text(json.dumps(on_tiny_model(envelope["data"]["prompt"], tag)))
     rc, envelope = comfy_cli(comfy, home, "--workflow", str(api), "--wait", "--timeout", "600")
     assert rc == 0 and envelope["ok"], envelope
-    saved = list((comfy_base / "models").rglob(f"*_{tag}.safetensors"))  # an identity (1, 5), LoRAs (3, 5)
-    saved += (comfy_base / "output").rglob(f"*_{tag}_*.png")  # images (1, 2, 4)
+    # an identity (workflows 1, 5, 6), LoRAs (3, 5, 6), images (1, 2, 4, 6)
+    saved = list((comfy_base / "models").rglob(f"*_{tag}.safetensors"))
+    saved += (comfy_base / "output").rglob(f"*_{tag}_*.png")
     assert saved, envelope
+    if name in QWEN_IMAGE:  # the Qwen-Image personalize example: its identity, its LoRA and its image
+        assert {p.parent.name for p in saved} >= {"metalora", "loras"} and len(saved) == 3, saved

@@ -1,7 +1,8 @@
 """ComfyUI's real front end (headless Chromium): the js extension registers, the R-FaceSim node gets its badge
 from a real execution's UI output, progress events feed the Train chart; every example workflow opens with each
 widget value on its widget, readable and without overlaps, converts to a prompt whose only validation errors
-are missing model files, and runs on the tiny FLUX; a fresh Train node's seed stays fixed."""
+are missing model files, and runs on the tiny FLUX (the Qwen-Image example: on the tiny Qwen-Image); a fresh
+Train node's seed stays fixed."""
 
 from __future__ import annotations
 
@@ -90,7 +91,7 @@ def test_extension_badge_and_chart_in_the_real_front_end(comfy):
 # Screen pixels the front end covers with its own chrome at 1600x900: the left tool bar, the tab bar and the
 # floating graph tool bar / Run button row. A node a user must see lies inside the rest.
 VISIBLE = (60, 90, 1590, 890)
-NAMES = ["personalize", "score", "export", "compose", "lora_tools"]
+NAMES = ["personalize", "score", "export", "compose", "lora_tools", "personalize_qwen"]
 
 
 def test_a_fresh_train_node_keeps_its_seed_fixed(opened):
@@ -158,18 +159,20 @@ def test_workflow_queues_with_only_missing_model_errors(opened, comfy, name):
     from tests.comfyui.workflows import missing_file_errors_only
 
     prompt = opened["workflows"][_title(name)]["prompt"]
-    with pytest.raises(ComfyError) as refused:  # this server has none of the FLUX.1-dev files
+    with pytest.raises(ComfyError) as refused:  # this server has none of the FLUX.1-dev / Qwen-Image files
         comfy.queue(prompt)
     assert not missing_file_errors_only(refused.value.payload), refused.value.payload
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_workflow_runs_on_the_tiny_flux(opened, comfy, comfy_base, name):
-    from tests.comfyui.workflows import on_tiny_flux
+def test_workflow_runs_on_the_tiny_flux(opened, comfy, comfy_base, request, name):
+    from tests.comfyui.workflows import QWEN_IMAGE, on_tiny_model
 
+    if _title(name) in QWEN_IMAGE:
+        request.getfixturevalue("tiny_qwen_image")
     prompt = opened["workflows"][_title(name)]["prompt"]
     tag = uuid.uuid4().hex[:8]
-    result = comfy.run(on_tiny_flux(prompt, tag), timeout=900)
+    result = comfy.run(on_tiny_model(prompt, tag), timeout=900)
     assert result.status == "success", (result.error or {}).get("exception_message")
     kinds = {prompt[i]["class_type"] for i in result.outputs}
     assert {"SaveImage", "MetaLoRASaveIdentity", "MetaLoRAExportLoRA"} & kinds, result.outputs
@@ -184,6 +187,11 @@ def test_workflow_runs_on_the_tiny_flux(opened, comfy, comfy_base, name):
         assert (models / "metalora" / f"distilled_lomd_{tag}.safetensors").is_file()
         assert (models / "metalora" / f"ohwx_identity_distilled_{tag}.safetensors").is_file()
         assert len(list((models / "loras").glob(f"*_{tag}.safetensors"))) == 5
+    if name == "personalize_qwen":  # identity, LoRA, image and the R-FaceSim report of the Qwen-Image run
+        assert (comfy_base / "models" / "metalora" / f"ohwx_qwen_identity_{tag}.safetensors").is_file()
+        assert (comfy_base / "models" / "loras" / f"ohwx_qwen_lora_{tag}.safetensors").is_file()
+        assert len(list((comfy_base / "output").glob(f"metalora_qwen_identity_{tag}_*.png"))) == 1
+        assert {"MetaLoRAFaceSimilarity", "PreviewAny"} <= kinds, kinds
 
 
 def _title(name: str) -> str:
@@ -195,6 +203,7 @@ def _title(name: str) -> str:
         "export": workflows.EXPORT,
         "compose": workflows.COMPOSE,
         "lora_tools": workflows.LORA_TOOLS,
+        "personalize_qwen": workflows.PERSONALIZE_QWEN,
     }[name]
 
 

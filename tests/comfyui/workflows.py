@@ -19,7 +19,9 @@ SCORE = "Meta-LoRA 2 - Score an identity with R-FaceSim"
 EXPORT = "Meta-LoRA 3 - Export an identity as a standard LoRA"
 COMPOSE = "Meta-LoRA 4 - Compose an identity with a style LoRA"
 LORA_TOOLS = "Meta-LoRA 5 - Make a LoMD from your LoRAs, and LoRA file tools"
-ALL = (PERSONALIZE, SCORE, EXPORT, COMPOSE, LORA_TOOLS)
+PERSONALIZE_QWEN = "Meta-LoRA 6 - Personalize Qwen-Image from one photo"
+ALL = (PERSONALIZE, SCORE, EXPORT, COMPOSE, LORA_TOOLS, PERSONALIZE_QWEN)
+QWEN_IMAGE = (PERSONALIZE_QWEN,)  # the examples made for Qwen-Image (the others are FLUX.1-dev's)
 
 
 def workflow(name: str) -> dict:
@@ -30,6 +32,7 @@ def workflow(name: str) -> dict:
 # loaded example may raise on a server that lacks those files.
 FILE_INPUTS = {
     "unet_name",
+    "clip_name",
     "clip_name1",
     "clip_name2",
     "vae_name",
@@ -198,6 +201,70 @@ def on_tiny_flux(prompt: dict, tag: str) -> dict:
             changes = {"filename_prefix": f"{inputs['filename_prefix']}_{tag}"}
         out[node_id] = {**entry, "inputs": {**inputs, **changes}}
     return out
+
+
+# The tiny Qwen-Image in the test base (conftest's ``tiny_qwen_image`` fixture writes it on first use): ComfyUI's
+# real width (3072 = 24 heads x 128, Qwen2.5-VL's 3584-wide text) with one block, the only size it loads.
+TINY_QWEN_FILE = "tiny_qwen_image.safetensors"
+QWEN_CONTEXT_DIM = 3584
+
+
+def is_qwen_image(prompt: dict) -> bool:
+    """Whether an API prompt loads a Qwen-Image (a CLIPLoader of type qwen_image, or a Qwen transformer file)."""
+    for entry in prompt.values():
+        inputs = entry["inputs"]
+        if entry["class_type"] == "CLIPLoader" and inputs.get("type") == "qwen_image":
+            return True
+        if entry["class_type"] == "UNETLoader" and str(inputs.get("unet_name", "")).startswith("qwen_image"):
+            return True
+    return False
+
+
+def on_tiny_qwen_image(prompt: dict, tag: str) -> dict:
+    """An API prompt of a Qwen-Image example with the test base's tiny Qwen-Image and test nodes substituted
+    for Qwen-Image's files: Qwen2.5-VL's conditioning (3584 wide, no pooled output) from the test conditioning
+    node, the Qwen (Wan 2.1, 5-D latent) VAE from the test video VAE; 64x64, 2 sampling and 2 training steps at
+    the node's smallest resolution; saved file names tagged unique. ModelSamplingAuraFlow stays as it is."""
+    from tests.comfyui.harness import node
+
+    out = {}
+    photos = iter(["face_a.png", "face_b.png"])
+    for node_id, entry in sorted(prompt.items(), key=lambda item: int(item[0])):
+        kind, inputs = entry["class_type"], dict(entry["inputs"])
+        if kind == "CLIPLoader":
+            continue
+        if kind == "CLIPTextEncode":
+            out[node_id] = node(
+                "MetaLoRATestConditioning",
+                seed=int(node_id),
+                tokens=8,
+                context_dim=QWEN_CONTEXT_DIM,
+                pooled_dim=0,
+            )
+            continue
+        if kind == "VAELoader":
+            out[node_id] = node("MetaLoRATestQwenVAE", seed=0)
+            continue
+        changes = {
+            "UNETLoader": {"unet_name": TINY_QWEN_FILE},
+            "LoadImage": {"image": next(photos)} if kind == "LoadImage" else {},
+            "MetaLoRATrainIdentity": {"steps": 2, "resolution": 256, "views": 2, "warmup_steps": 0},
+            "KSampler": {"steps": 2},
+            "EmptySD3LatentImage": {"width": 64, "height": 64},
+            "MetaLoRAFaceSimilarity": {"face_model": "tiny"},
+            "MetaLoRAFaceCrop": {"face_model": "tiny"},
+        }.get(kind, {})
+        if kind in ("MetaLoRASaveIdentity", "MetaLoRAExportLoRA"):
+            changes = {**changes, "filename": f"{inputs['filename']}_{tag}"}
+        if kind == "SaveImage":
+            changes = {"filename_prefix": f"{inputs['filename_prefix']}_{tag}"}
+        out[node_id] = {**entry, "inputs": {**inputs, **changes}}
+    return out
+
+
+def on_tiny_model(prompt: dict, tag: str) -> dict:
+    """:func:`on_tiny_qwen_image` for a Qwen-Image example, :func:`on_tiny_flux` for a FLUX.1-dev one."""
+    return (on_tiny_qwen_image if is_qwen_image(prompt) else on_tiny_flux)(prompt, tag)
 
 
 LOAD_AND_DUMP = """
