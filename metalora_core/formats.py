@@ -20,7 +20,7 @@ from .adapter import AdapterShape, fold_to_lora
 from .errors import FingerprintMismatch, MetaLoRAError
 from .models import family_named, family_of, family_of_targets
 from .safeio import fingerprint, load_tensors, save_tensors
-from .targets import FluxDims, canonical_from_diffusers, canonical_from_kohya, diffusers_pieces, kohya_name
+from .targets import FluxDims, diffusers_pieces, kohya_name
 
 FORMAT_LOMD = "metalora.lomd"
 FORMAT_IDENTITY = "metalora.identity"
@@ -205,15 +205,8 @@ def _place_down_key(key: str, family: str = "flux") -> tuple[str, int] | None:
     for strip in ("diffusion_model.", "transformer.", "base_model.model.", "unet."):
         if prefix.startswith(strip):
             prefix = prefix[len(strip) :]
-    if family != "flux":
-        hit = family_named(family).place_lora_prefix(prefix)
-        return (hit.name, hit.piece) if hit else None
-    canonical = canonical_from_kohya(prefix)
-    if canonical:
-        return canonical, 0
-    if re.fullmatch(r"(double_blocks|single_blocks)\.\d+\..+", prefix):
-        return prefix, 0
-    return canonical_from_diffusers(prefix)
+    hit = family_named(family).place_lora_prefix(prefix)
+    return (hit.name, hit.piece) if hit else None
 
 
 def _lomd_family(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> str:

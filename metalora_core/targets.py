@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from .models import FAMILIES, Target, family_named, family_of
+from .models import FAMILIES, ModelFamily, Target, family_named, family_of
+from .models.family import LoraPlace
 from .models.flux import (  # noqa: F401  (FLUX's own names, re-exported)
     DEFAULT_PRESET,
     DOUBLE_ATTN,
@@ -26,9 +27,6 @@ from .models.flux import (  # noqa: F401  (FLUX's own names, re-exported)
     dims_from_diffusers,
     strip_bfl_prefix,
 )
-from .models.flux import canonical_from_diffusers as _flux_from_diffusers
-from .models.flux import canonical_from_kohya as _flux_from_kohya
-from .models.flux import canonical_from_kohya_diffusers as _flux_from_kohya_diffusers
 from .models.qwen_image import QwenImageDims  # noqa: F401
 
 
@@ -63,30 +61,26 @@ def kohya_name(name: str) -> str:
     return "lora_unet_" + name.replace(".", "_")
 
 
+def _placed(prefix: str, family: ModelFamily, layout: str) -> LoraPlace | None:
+    hit = family.place_lora_prefix(prefix)
+    return hit if hit is not None and hit.layout == layout else None
+
+
 def canonical_from_kohya(prefix: str, dims=None, family: str | None = None) -> str | None:
     """Inverse of :func:`kohya_name` (underscores are ambiguous: matched against the family's layer set)."""
-    chosen = family_of(dims) if dims is not None else family_named(family)
-    if chosen.name == "flux":
-        return _flux_from_kohya(prefix)
-    hit = chosen.place_lora_prefix(prefix) if prefix.startswith("lora_unet_") else None
+    hit = _placed(prefix, family_of(dims) if dims is not None else family_named(family), "kohya")
     return hit.name if hit else None
 
 
 def canonical_from_diffusers(module: str, family: str | None = None) -> tuple[str, int] | None:
     """(canonical name, piece index) of a diffusers module name."""
-    chosen = family_named(family)
-    if chosen.name == "flux":
-        return _flux_from_diffusers(module)
-    hit = chosen.place_lora_prefix(module)
-    return (hit.name, hit.piece) if hit and hit.layout == "diffusers" else None
+    hit = _placed(module, family_named(family), "diffusers")
+    return (hit.name, hit.piece) if hit else None
 
 
 def canonical_from_kohya_diffusers(prefix: str, family: str | None = None) -> tuple[str, int] | None:
     """kohya-style names over diffusers modules (``lora_transformer_...``): (canonical name, piece index)."""
-    chosen = family_named(family)
-    if chosen.name == "flux":
-        return _flux_from_kohya_diffusers(prefix)
-    hit = chosen.place_lora_prefix(prefix) if prefix.startswith("lora_transformer_") else None
+    hit = _placed(prefix, family_named(family), "kohya-diffusers")
     return (hit.name, hit.piece) if hit else None
 
 
