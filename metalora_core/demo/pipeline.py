@@ -175,9 +175,17 @@ def _models(opt: DemoOptions, out: Path, run: DemoRun) -> dict:
             "flux": str(kit.flux), "vae": str(kit.vae), "conditioning": str(kit.conditioning),
             "face_root": str(kit.face_root), "face_model": kit.face_model, "identities": str(kit.identities),
         }  # fmt: skip
+    from ..model_files import read_model_dims
+    from ..models import family_of
     from ..training.standalone import find_parts
 
     parts = find_parts(opt.flux, opt.vae)
+    family = family_of(read_model_dims(parts.transformer)[0])
+    if family.name != "flux":  # the demo's sampler and VAE decode are FLUX.1's
+        raise MetaLoRAError(
+            f"--flux {opt.flux}: metalora demo runs FLUX.1; this is {family.label}. For {family.label} run "
+            "`metalora personalize`, `export` and `score` (docs/training.md), or example workflow 6 in ComfyUI"
+        )
     if parts.vae is None:
         raise MetaLoRAError(f"--flux {opt.flux}: no VAE found; pass --vae (a diffusers AutoencoderKL folder)")
     if not opt.conditioning and parts.text_encoders is None:

@@ -261,3 +261,20 @@ def test_lora_extract_of_a_qwen_image_fine_tune_recovers_the_change(qwen_files, 
     assert set(layers) == set(planted)
     for name, delta in planted.items():
         torch.testing.assert_close(layers[name].delta(), delta, rtol=1e-4, atol=1e-5)
+
+
+def test_the_demo_says_it_runs_flux_when_given_qwen_image(qwen_files, tmp_path, capsys):
+    code = main(
+        [
+            "demo",
+            "--flux",
+            str(qwen_files["file"]),
+            "--vae",
+            str(qwen_files["vae"]),
+            "--lomd",
+            str(qwen_files["lomd"]),
+        ]
+        + ["--image", str(_photo(tmp_path / "p.png")), "--out", str(tmp_path / "demo")]
+    )
+    assert code == 2
+    assert "metalora demo runs FLUX.1; this is Qwen-Image" in capsys.readouterr().err
