@@ -131,8 +131,13 @@ def encode_qwen_prompt(
     """Qwen-Image's prompt features exactly as ``QwenImagePipeline.encode_prompt`` makes them (its chat
     template, the template's tokens dropped, the last hidden states), with only the text encoder loaded."""
     from diffusers import QwenImagePipeline
-    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
+    try:
+        from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+    except ImportError:
+        raise MetaLoRAError(
+            "reading Qwen-Image's text encoder (Qwen2.5-VL) needs transformers >= 4.49: pip install -U transformers"
+        ) from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"), local_files_only=True)
         encoder = Qwen2_5_VLForConditionalGeneration.from_pretrained(
