@@ -13,7 +13,7 @@ from comfy_api.latest import io, ui
 
 from ..metalora_core.errors import MetaLoRAError
 from ..metalora_core.loras import tools
-from ..metalora_core.targets import PRESET_HELP, PRESETS
+from ..metalora_core.targets import PRESETS, presets_help
 from .comfy_folders.model_folders import loras_dir
 from .export import DTYPES, lora_file_inputs
 from .files import target_path
@@ -291,8 +291,8 @@ class MetaLoRALoraExtract(io.ComfyNode):
                     "layers",
                     options=list(PRESETS),
                     default="all_linear",
-                    tooltip="Which layers to extract: "
-                    + "; ".join(f"{k}: {v}" for k, v in PRESET_HELP.items()),
+                    tooltip="Which layers to extract (FLUX.1 or Qwen-Image, read from the checkpoints): "
+                    + presets_help(),
                 ),
             ],
             "lora_extracted",
