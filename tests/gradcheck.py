@@ -9,10 +9,12 @@ import torch
 
 def assert_head_gradients_match(
     loss: Callable[[], torch.Tensor], heads, label: str, eps: float = 1e-6, tolerance: float = 1e-5
-) -> None:
+) -> dict[str, float]:
     """``loss()`` is evaluated once with backward, then along one random direction per kind (all Mids,
-    all Ups) at ``+-eps``: the analytic directional derivative must equal the central difference."""
+    all Ups) at ``+-eps``: the analytic directional derivative must equal the central difference. Returns the
+    relative errors by kind."""
     loss().backward()
+    errors = {}
     g = torch.Generator().manual_seed(13)
     for kind in ("mid", "up"):
         params = [getattr(h, kind) for h in heads.values()]
@@ -31,3 +33,5 @@ def assert_head_gradients_match(
         assert abs(analytic) > 1e-6, f"{kind}: gradient vanished, the check would be vacuous"
         rel = abs(analytic - numeric) / max(abs(analytic), abs(numeric))
         assert rel < tolerance, f"{kind} ({label}): rel err {rel:.2e}"
+        errors[kind] = rel
+    return errors

@@ -55,7 +55,8 @@ def test_mid_up_gradients_match_finite_differences(qwen_backend64, qwen_cond, qw
         with qwen_backend64.adapters(heads):
             assert qwen_backend64.model.gradient_checkpointing is checkpointing
             loss = lambda: flow_loss(qwen_backend64, x0, cond, t, noise, guidance=None)  # noqa: E731
-            assert_head_gradients_match(loss, heads, f"Qwen-Image, checkpointing={checkpointing}")
+            errors = assert_head_gradients_match(loss, heads, f"Qwen-Image, checkpointing={checkpointing}")
+            print(f"Qwen-Image finite differences, checkpointing={checkpointing}: {errors}")
     finally:
         qwen_backend64.set_gradient_checkpointing(False)
 
@@ -102,7 +103,7 @@ def test_export_read_by_diffusers_lora_loader_equals_the_bypass(tmp_path, qwen_c
     with torch.no_grad():
         loaded = backend.velocity(x, t, qwen_cond, None)
     diff = float((loaded - bypass).abs().max())
-    assert diff < 1e-4, f"diffusers-loaded {fmt} LoRA differs from the bypass by {diff}"
+    assert diff < 1e-5, f"diffusers-loaded {fmt} LoRA differs from the bypass by {diff}"
 
 
 def _photo(path, seed=0, hw=(80, 64)):
