@@ -148,6 +148,16 @@ LORA_TOOL_NODES = (
 )
 
 
+# what every tiny run changes, whatever the model: 2 training and sampling steps, 64 px, the tiny face models
+TINY_RUN = {
+    "MetaLoRATrainIdentity": {"steps": 2, "resolution": 256, "views": 2, "warmup_steps": 0},
+    "KSampler": {"steps": 2},
+    "EmptySD3LatentImage": {"width": 64, "height": 64},
+    "MetaLoRAFaceSimilarity": {"face_model": "tiny"},
+    "MetaLoRAFaceCrop": {"face_model": "tiny"},
+}
+
+
 def on_tiny_flux(prompt: dict, tag: str) -> dict:
     """An API prompt converted by the front end, with the tiny FLUX and the test nodes substituted for the
     FLUX.1-dev files (text encoders and VAE become the test nodes), 2 steps, the test base's LoRAs and
@@ -175,11 +185,7 @@ def on_tiny_flux(prompt: dict, tag: str) -> dict:
             # the examples make their LoMD with Seeded LoMD: an identity trained on that one
             "MetaLoRALoadIdentity": {"identity_name": "identity_seeded.safetensors"},
             "LoadImage": {"image": next(photos)} if kind == "LoadImage" else {},
-            "MetaLoRATrainIdentity": {"steps": 2, "resolution": 256, "views": 2, "warmup_steps": 0},
-            "KSampler": {"steps": 2},
-            "EmptySD3LatentImage": {"width": 64, "height": 64},
-            "MetaLoRAFaceSimilarity": {"face_model": "tiny"},
-            "MetaLoRAFaceCrop": {"face_model": "tiny"},
+            **TINY_RUN,
             "MetaLoRAAdapterLoRA": {"lora_name": "style_lora.safetensors"},
             # two LoRAs of the tiny FLUX (not the whole loras folder other tests keep writing into)
             "MetaLoRADistillLoMD": {"loras": f"{STYLE_A}\n{STYLE_B}"},
@@ -248,11 +254,7 @@ def on_tiny_qwen_image(prompt: dict, tag: str) -> dict:
         changes = {
             "UNETLoader": {"unet_name": TINY_QWEN_FILE},
             "LoadImage": {"image": next(photos)} if kind == "LoadImage" else {},
-            "MetaLoRATrainIdentity": {"steps": 2, "resolution": 256, "views": 2, "warmup_steps": 0},
-            "KSampler": {"steps": 2},
-            "EmptySD3LatentImage": {"width": 64, "height": 64},
-            "MetaLoRAFaceSimilarity": {"face_model": "tiny"},
-            "MetaLoRAFaceCrop": {"face_model": "tiny"},
+            **TINY_RUN,
         }.get(kind, {})
         if kind in ("MetaLoRASaveIdentity", "MetaLoRAExportLoRA"):
             changes = {**changes, "filename": f"{inputs['filename']}_{tag}"}
