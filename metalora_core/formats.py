@@ -18,7 +18,7 @@ import torch
 
 from .adapter import AdapterShape, fold_to_lora
 from .errors import FingerprintMismatch, MetaLoRAError
-from .models import family_named, family_of, family_of_targets
+from .models import family_named, family_of, family_of_targets, family_placing
 from .safeio import fingerprint, load_tensors, save_tensors
 from .targets import FluxDims, diffusers_pieces, kohya_name
 
@@ -210,16 +210,14 @@ def _place_down_key(key: str, family: str = "flux") -> tuple[str, int] | None:
 
 
 def _lomd_family(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> str:
-    """The family a LoMD file is for: its metadata, else Qwen-Image when a key places only there."""
+    """The family a LoMD file is for: its metadata, its canonical names, else the family that places a key
+    FLUX.1 cannot."""
     if metadata.get("base_arch"):
         return family_named(metadata["base_arch"]).name
     names = [k[: -len(DOWN_SUFFIX)] for k in tensors if k.endswith(DOWN_SUFFIX)]
     if names:
         return family_of_targets(names).name
-    for key in tensors:
-        if _place_down_key(key, "flux") is None and _place_down_key(key, "qwen_image") is not None:
-            return "qwen_image"
-    return "flux"
+    return family_placing(tensors, lambda key, family: _place_down_key(key, family.name) is not None).name
 
 
 def lomd_from_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], source: str) -> LoMD:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from .models import FAMILIES, ModelFamily, Target, family_named, family_of
-from .models.family import LoraPlace
+from .models.family import LoraPlace, kohya_name, split_layer_name
 from .models.flux import (  # noqa: F401  (FLUX's own names, re-exported)
     DEFAULT_PRESET,
     DOUBLE_ATTN,
@@ -48,17 +48,6 @@ def diffusers_pieces(name: str, dims) -> list[tuple[str, slice | None]]:
 def diffusers_config_for(dims) -> dict[str, object]:
     """The diffusers transformer config that holds a model of these sizes."""
     return family_of(dims).diffusers_config(dims)
-
-
-def split_layer_name(name: str) -> tuple[str, int, str]:
-    """``double_blocks.3.img_attn.qkv`` -> (``double_blocks``, 3, ``img_attn.qkv``); any family's blocks."""
-    kind, index, layer = name.split(".", 2)
-    return kind, int(index), layer
-
-
-def kohya_name(name: str) -> str:
-    """kohya / ComfyUI LoRA prefix of a canonical target: ``lora_unet_double_blocks_0_img_attn_qkv``."""
-    return "lora_unet_" + name.replace(".", "_")
 
 
 def _placed(prefix: str, family: ModelFamily, layout: str) -> LoraPlace | None:

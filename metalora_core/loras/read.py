@@ -29,7 +29,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..errors import MetaLoRAError
-from ..models import FAMILIES, ModelFamily, family_named, family_of
+from ..models import FAMILIES, ModelFamily, family_named, family_of, family_placing
 from ..models.family import LoraPlace
 from ..targets import FluxDims, diffusers_pieces, layer_shape, split_layer_name
 
@@ -187,13 +187,7 @@ def _guess_family(meta: dict[str, str], prefixes: list[str]) -> ModelFamily:
     for family in FAMILIES.values():
         if version == family.lora_base_version:
             return family
-    flux = family_named("flux")
-    for family in FAMILIES.values():
-        if family is not flux and any(
-            _place(p, family) is not None and _place(p, flux) is None for p in prefixes
-        ):
-            return family
-    return flux
+    return family_placing(prefixes, lambda prefix, family: _place(prefix, family) is not None)
 
 
 def _split_key(key: str) -> tuple[str, str] | None:

@@ -6,7 +6,7 @@ tensors (:func:`detect_family`); see :mod:`.family` for what a family defines.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from ..errors import MetaLoRAError
 from .family import LoraPlace, ModelFamily, Target
@@ -39,6 +39,16 @@ def family_of_targets(names: Iterable[str]) -> ModelFamily:
     return FLUX  # type: ignore[return-value]
 
 
+def family_placing(items: Iterable[str], places: Callable[[str, ModelFamily], bool]) -> ModelFamily:
+    """The family that places an item (a LoRA or LoMD key) FLUX.1's layers cannot; FLUX.1 when none does
+    (names valid in several families, such as plain attention keys, stay FLUX.1's as before Qwen-Image)."""
+    items = list(items)
+    for family in FAMILIES.values():
+        if family is not FLUX and any(places(i, family) and not places(i, FLUX) for i in items):
+            return family
+    return FLUX  # type: ignore[return-value]
+
+
 def detect_family(shapes: Mapping[str, object], source: str = "model") -> ModelFamily:
     """The family whose checkpoint layout these tensor names are (most specific first)."""
     for family in (QWEN_IMAGE, FLUX):
@@ -59,4 +69,5 @@ __all__ = [
     "family_named",
     "family_of",
     "family_of_targets",
+    "family_placing",
 ]

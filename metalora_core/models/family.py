@@ -92,6 +92,17 @@ class ModelFamily(Protocol):
 # --- helpers every family uses ------------------------------------------------------------------------
 
 
+def split_layer_name(name: str) -> tuple[str, int, str]:
+    """``double_blocks.3.img_attn.qkv`` -> (``double_blocks``, 3, ``img_attn.qkv``); any family's blocks."""
+    kind, index, layer = name.split(".", 2)
+    return kind, int(index), layer
+
+
+def kohya_name(name: str) -> str:
+    """kohya / ComfyUI LoRA prefix of a canonical target: ``lora_unet_double_blocks_0_img_attn_qkv``."""
+    return "lora_unet_" + name.replace(".", "_")
+
+
 def count_blocks(keys: Iterable[str], prefix: str) -> int:
     """How many ``<prefix><i>.`` blocks the keys hold (highest index + 1)."""
     pattern = re.compile(re.escape(prefix) + r"(\d+)\.")

@@ -24,6 +24,7 @@ from .family import (
     linear_mu,
     match_targets,
     pack_2x2,
+    split_layer_name,
     strip_prefixes,
     unpack_2x2,
 )
@@ -73,10 +74,6 @@ class FluxDims:
 CHECKPOINT_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 
 
-def _count_blocks(keys: Iterable[str], prefix: str) -> int:
-    return count_blocks(keys, prefix)
-
-
 def strip_bfl_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Drop the wrappers checkpoints put around BFL keys (``model.diffusion_model.``, ``diffusion_model.``)."""
     return strip_prefixes(state_dict, CHECKPOINT_PREFIXES)
@@ -93,8 +90,8 @@ def dims_from_bfl(shapes: Mapping[str, object], source: str = "model") -> FluxDi
     vec = (
         _shape(shapes, "vector_in.in_layer.weight", source)[1] if "vector_in.in_layer.weight" in shapes else 0
     )
-    depth = _count_blocks(shapes, "double_blocks.")
-    depth_single = _count_blocks(shapes, "single_blocks.")
+    depth = count_blocks(shapes, "double_blocks.")
+    depth_single = count_blocks(shapes, "single_blocks.")
     if depth:
         mlp_hidden = _shape(shapes, "double_blocks.0.img_mlp.0.weight", source)[0]
         head_dim = _shape(shapes, "double_blocks.0.img_attn.norm.query_norm.scale", source)[0]
@@ -119,8 +116,8 @@ def dims_from_bfl(shapes: Mapping[str, object], source: str = "model") -> FluxDi
 def dims_from_diffusers(shapes: Mapping[str, object], source: str = "model") -> FluxDims:
     """Read FLUX sizes from diffusers-named tensors (patch size 1 on packed 2x2 latents, as FLUX ships)."""
     hidden, in_flat = _shape(shapes, "x_embedder.weight", source)
-    depth = _count_blocks(shapes, "transformer_blocks.")
-    depth_single = _count_blocks(shapes, "single_transformer_blocks.")
+    depth = count_blocks(shapes, "transformer_blocks.")
+    depth_single = count_blocks(shapes, "single_transformer_blocks.")
     if depth:
         mlp_hidden = _shape(shapes, "transformer_blocks.0.ff.net.0.proj.weight", source)[0]
         head_dim = _shape(shapes, "transformer_blocks.0.attn.norm_q.weight", source)[0]
@@ -178,12 +175,6 @@ def resolve_targets(dims: FluxDims, preset: str | Iterable[str] = DEFAULT_PRESET
         example = "'double_blocks.0.img_attn.qkv', 'single_blocks\\.\\d+\\.linear1'"
         names = match_targets(every, preset, PRESETS, "FLUX", example)
     return [Target(n, *_fused_shape(dims, n.split(".", 2)[2])) for n in names]
-
-
-def split_layer_name(name: str) -> tuple[str, int, str]:
-    """``double_blocks.3.img_attn.qkv`` -> (``double_blocks``, 3, ``img_attn.qkv``)."""
-    kind, index, layer = name.split(".", 2)
-    return kind, int(index), layer
 
 
 _DOUBLE_TO_DIFFUSERS: dict[str, tuple[str, ...]] = {
@@ -254,11 +245,6 @@ def canonical_from_kohya_diffusers(prefix: str) -> tuple[str, int] | None:
     """
     head = "lora_transformer_"
     return _find_diffusers(prefix[len(head) :], "_") if prefix.startswith(head) else None
-
-
-def kohya_name(name: str) -> str:
-    """kohya / ComfyUI LoRA prefix of a canonical target: ``lora_unet_double_blocks_0_img_attn_qkv``."""
-    return "lora_unet_" + name.replace(".", "_")
 
 
 def canonical_from_kohya(prefix: str, dims: FluxDims | None = None) -> str | None:

@@ -279,3 +279,19 @@ def test_the_demo_says_it_runs_flux_when_given_qwen_image(qwen_files, tmp_path, 
     )
     assert code == 2
     assert "metalora demo runs FLUX.1; this is Qwen-Image" in capsys.readouterr().err
+
+
+def test_files_without_metadata_are_placed_by_the_layers_only_qwen_image_has(tmp_path):
+    """A Qwen-Image LoRA stripped of its metadata, read with no model given, and a LoMD in diffusers naming
+    with no ``base_arch``: the keys only Qwen-Image has (``img_mlp.net.*``) decide the family."""
+    from metalora_core.formats import lomd_from_tensors
+    from metalora_core.loras.read import scan_lora
+    from metalora_core.safeio import load_tensors, save_tensors
+
+    lomd = seeded_lomd(TINY_QWEN_DIMS, AdapterShape(4, 8), "attn_mlp", seed=0)
+    exported = export_lora(tmp_path / "me.safetensors", lomd, _random_identity(lomd, 3), TINY_QWEN_DIMS)
+    tensors, _ = load_tensors(exported)
+    bare = save_tensors(tmp_path / "bare.safetensors", tensors, {})
+    assert scan_lora(bare).family == "qwen_image"
+    downs = {f"transformer.{name}.lora_A.weight": down for name, down in lomd.downs.items()}
+    assert lomd_from_tensors(downs, {}, "downs.safetensors").base_arch == "qwen_image"
