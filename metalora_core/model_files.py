@@ -81,8 +81,9 @@ def read_model_dims(path: str | os.PathLike):
         )
     else:
         shapes = _header_shapes([path])
-    dims, layout = detect_family(shapes, str(path)).dims_from_shapes(shapes, str(path))
-    return dims, ("diffusers" if path.is_dir() else layout)
+    return detect_family(shapes, str(path)).dims_from_shapes(
+        shapes, str(path)
+    )  # a folder has diffusers names
 
 
 def fused_shapes(dims) -> dict[str, tuple[int, int]]:

@@ -26,7 +26,7 @@ from ..targets import DEFAULT_PRESET, presets_help
 from ..training.conditioning import load_conditioning
 from ..training.data import photo_bucket
 from ..training.schedules import SCHEDULES
-from ..training.standalone import find_parts, load_transformer, load_vae, vae_encoder
+from ..training.standalone import check_vae_matches, find_parts, load_transformer, load_vae, vae_encoder
 from . import preflight
 from .personalize_cmd import ProgressBar, add_run_options, check_run_options, choose_checkpointing
 
@@ -151,6 +151,7 @@ def _meta_train(args, ctx: DistContext, device: torch.device) -> int:
     checkpointing = choose_checkpointing(args, backend, (side, side), 512, 1, say)
     text = _text(args, parts, backend.dims, cache_dir, device)
     vae_path, encoder_id = parts.vae, str(Path(parts.vae).resolve())
+    check_vae_matches(vae_path, backend.dims)
     prepared = prepare(
         data, plan, ctx.owns, lambda: vae_encoder(load_vae(vae_path, device)), encoder_id, text, cache_dir
     )

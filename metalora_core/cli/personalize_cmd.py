@@ -35,7 +35,7 @@ from ..training.memory import activation_bytes, decide_checkpointing, layerwise_
 from ..training.personalize import PersonalizeConfig, personalize
 from ..training.precision import PRECISION_CHOICES, choose_precision
 from ..training.schedules import SCHEDULES, TrainingDiverged, capped_warmup
-from ..training.standalone import find_parts, load_transformer, load_vae, vae_encoder
+from ..training.standalone import check_vae_matches, find_parts, load_transformer, load_vae, vae_encoder
 
 # options whose argparse dest is a PersonalizeConfig field of the same name
 CONFIG_ARGS = (
@@ -179,6 +179,7 @@ def run(args) -> int:
         str(parts.vae),
     )
     vae_path = parts.vae
+    check_vae_matches(vae_path, backend.dims)
 
     def encode() -> list[torch.Tensor]:
         say(f"encoding {args.views} views of {bucket[0]}x{bucket[1]} px with the VAE {vae_path}")

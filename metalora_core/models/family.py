@@ -57,6 +57,8 @@ class ModelFamily(Protocol):
     noun: str  # what progress lines call it ("FLUX", "Qwen-Image")
     lora_base_version: str  # ``ss_base_model_version`` of exported kohya LoRAs
     kohya_network_module: str  # ``ss_network_module`` of exported kohya LoRAs
+    vae_class: str  # diffusers' class of its VAE (``_class_name`` in the VAE folder's config.json)
+    video_vae: bool  # whether that VAE takes and returns clips (B, C, frames, H, W) rather than images
     presets: Mapping[str, str]  # preset name -> help text (the same three names in every family)
     default_preset: str
     # flow matching: timesteps shift by exp(mu) for an image of n packed tokens, mu linear in n

@@ -471,6 +471,8 @@ class FluxFamily:
     label = "FLUX.1"
     noun = "FLUX"  # what progress lines call it
     lora_base_version = "flux1"
+    vae_class = "AutoencoderKL"  # diffusers' class of its VAE
+    video_vae = False  # its VAE takes images (B, C, H, W)
     kohya_network_module = "networks.lora_flux"
     presets = PRESET_HELP
     default_preset = DEFAULT_PRESET

@@ -232,6 +232,8 @@ class QwenImageFamily:
     label = LABEL
     noun = LABEL
     lora_base_version = "qwen_image"
+    vae_class = "AutoencoderKLQwenImage"  # Wan 2.1's VAE
+    video_vae = True  # its VAE takes and returns clips (B, C, frames, H, W)
     kohya_network_module = "networks.lora_qwen_image"
     presets = PRESET_HELP
     default_preset = DEFAULT_PRESET

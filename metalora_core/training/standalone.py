@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 from ..errors import MetaLoRAError
-from ..models import ModelFamily, family_named, family_of
+from ..models import FAMILIES, ModelFamily, family_of
+from ..models.flux import FLUX
 from .conditioning import has_text_encoders
 from .diffusers_backend import DiffusersBackend
 from .precision import Precision, choose_precision
@@ -34,14 +35,13 @@ def find_parts(flux: str | os.PathLike, vae: str | os.PathLike | None = None) ->
     return FluxParts(flux, vae_path, flux if pipeline and has_text_encoders(flux) else None)
 
 
-# diffusers VAE class (config.json ``_class_name``) -> the family whose latents it makes
-VAE_FAMILIES = {"AutoencoderKL": "flux", "AutoencoderKLQwenImage": "qwen_image"}
+def _vae_families() -> dict[str, ModelFamily]:
+    """diffusers VAE class name -> the family whose transformer reads its latents."""
+    return {family.vae_class: family for family in FAMILIES.values()}
 
 
-def load_vae(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-    """A diffusers VAE folder: FLUX.1's ``AutoencoderKL`` or Qwen-Image's ``AutoencoderKLQwenImage``."""
-    import diffusers
-
+def vae_folder_family(path: str | os.PathLike) -> tuple[ModelFamily, str]:
+    """The family of a diffusers VAE folder and its VAE class name, from its config.json alone."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise MetaLoRAError(
@@ -49,8 +49,18 @@ def load_vae(path: str | os.PathLike, device: str | torch.device = "cpu", dtype:
             "Qwen-Image's vae/)"
         )
     name = json.loads((path / "config.json").read_text()).get("_class_name", "AutoencoderKL")
-    if name not in VAE_FAMILIES:
-        raise MetaLoRAError(f"{path}: a {name} VAE; Meta-LoRA reads {' or '.join(VAE_FAMILIES)} VAEs")
+    known = _vae_families()
+    if name not in known:
+        raise MetaLoRAError(f"{path}: a {name} VAE; Meta-LoRA reads {' or '.join(known)} VAEs")
+    return known[name], name
+
+
+def load_vae(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """A diffusers VAE folder: FLUX.1's ``AutoencoderKL`` or Qwen-Image's ``AutoencoderKLQwenImage``."""
+    import diffusers
+
+    path = Path(path)
+    _, name = vae_folder_family(path)
     try:
         vae = getattr(diffusers, name).from_pretrained(str(path), torch_dtype=dtype, local_files_only=True)
     except (OSError, ValueError) as exc:
@@ -62,16 +72,18 @@ def load_vae(path: str | os.PathLike, device: str | torch.device = "cpu", dtype:
 
 
 def vae_family(vae) -> ModelFamily:
-    """The family whose transformer reads this VAE's latents."""
-    return family_named(VAE_FAMILIES.get(type(vae).__name__, "flux"))
+    """The family whose transformer reads this (loaded) VAE's latents."""
+    return _vae_families().get(type(vae).__name__, FLUX)
 
 
-def check_vae_matches(vae, dims) -> None:
-    """A FLUX VAE with a Qwen-Image transformer (or the reverse) encodes latents the model never saw."""
-    theirs, ours = vae_family(vae), family_of(dims)
+def check_vae_matches(path: str | os.PathLike, dims) -> None:
+    """A FLUX.1 VAE with a Qwen-Image transformer (or the reverse) would encode latents the model never
+    saw, and train without an error: refuse it before anything is encoded (cached latents included)."""
+    theirs, ours = vae_folder_family(path)[0], family_of(dims)
     if theirs.name != ours.name:
         raise MetaLoRAError(
-            f"--vae: this is a {theirs.label} VAE but the transformer is {ours.label}; pass {ours.label}'s vae/ folder"
+            f"--vae {path}: this is a {theirs.label} VAE but the transformer is {ours.label}; pass "
+            f"{ours.label}'s vae/ folder"
         )
 
 
@@ -80,7 +92,7 @@ def vae_encoder(vae) -> Callable[[torch.Tensor], torch.Tensor]:
     cacheable): FLUX's ``(mean - shift) * scale``, Qwen-Image's per-channel ``(mean - mu) / sigma``."""
     family = vae_family(vae)
     device, dtype = vae.device, vae.dtype
-    video = family.name == "qwen_image"  # Qwen-Image's (Wan) VAE takes and returns (B, C, frames, H, W)
+    video = family.video_vae
 
     def encode(images: torch.Tensor) -> torch.Tensor:
         x = images.to(device, dtype)

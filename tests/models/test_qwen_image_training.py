@@ -295,3 +295,17 @@ def test_files_without_metadata_are_placed_by_the_layers_only_qwen_image_has(tmp
     assert scan_lora(bare).family == "qwen_image"
     downs = {f"transformer.{name}.lora_A.weight": down for name, down in lomd.downs.items()}
     assert lomd_from_tensors(downs, {}, "downs.safetensors").base_arch == "qwen_image"
+
+
+def test_a_flux_vae_with_qwen_image_is_refused_before_anything_is_encoded(qwen_files, tmp_path, capsys):
+    from metalora_core.dev.tiny_vae import write_tiny_vae
+
+    flux_vae = write_tiny_vae(tmp_path / "flux_vae")
+    cond = tmp_path / "cond.safetensors"
+    assert main(["dev", "random-conditioning", "--model", str(qwen_files["file"]), "--out", str(cond)]) == 0
+    capsys.readouterr()
+    args = ["personalize", "--model", str(qwen_files["file"]), "--lomd", str(qwen_files["lomd"])]
+    args += ["--image", str(_photo(tmp_path / "p.png")), "--vae", str(flux_vae), "--conditioning", str(cond)]
+    assert main([*args, "--out", str(tmp_path / "me.safetensors"), "--resolution", "64", "--quiet"]) == 2
+    assert "is a FLUX.1 VAE but the transformer is Qwen-Image" in capsys.readouterr().err
+    assert not (tmp_path / "me.safetensors").exists()
