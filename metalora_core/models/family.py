@@ -59,6 +59,9 @@ class ModelFamily(Protocol):
     kohya_network_module: str  # ``ss_network_module`` of exported kohya LoRAs
     vae_class: str  # diffusers' class of its VAE (``_class_name`` in the VAE folder's config.json)
     video_vae: bool  # whether that VAE takes and returns clips (B, C, frames, H, W) rather than images
+    comfy_text_encoder: str  # the ComfyUI loader of its text encoder, named in errors
+    comfy_vae: str  # its VAE file in ComfyUI, named in errors
+    comfy_masks_text: bool  # ComfyUI's model applies a CONDITIONING's attention_mask when sampling
     presets: Mapping[str, str]  # preset name -> help text (the same three names in every family)
     default_preset: str
     # flow matching: timesteps shift by exp(mu) for an image of n packed tokens, mu linear in n

@@ -473,6 +473,11 @@ class FluxFamily:
     lora_base_version = "flux1"
     vae_class = "AutoencoderKL"  # diffusers' class of its VAE
     video_vae = False  # its VAE takes images (B, C, H, W)
+    # in ComfyUI: what loads its text encoders and VAE (for errors on a mismatched input), and whether its
+    # model honours a CONDITIONING's attention_mask when sampling (FLUX's ignores it)
+    comfy_text_encoder = "the FLUX text encoders (DualCLIPLoader, type flux)"
+    comfy_vae = "the FLUX VAE (ae.safetensors)"
+    comfy_masks_text = False
     kohya_network_module = "networks.lora_flux"
     presets = PRESET_HELP
     default_preset = DEFAULT_PRESET

@@ -234,6 +234,9 @@ class QwenImageFamily:
     lora_base_version = "qwen_image"
     vae_class = "AutoencoderKLQwenImage"  # Wan 2.1's VAE
     video_vae = True  # its VAE takes and returns clips (B, C, frames, H, W)
+    comfy_text_encoder = "Qwen2.5-VL (CLIPLoader, type qwen_image)"
+    comfy_vae = "the Qwen-Image VAE (qwen_image_vae.safetensors)"
+    comfy_masks_text = True  # ComfyUI's Qwen-Image applies the prompt's attention_mask
     kohya_network_module = "networks.lora_qwen_image"
     presets = PRESET_HELP
     default_preset = DEFAULT_PRESET

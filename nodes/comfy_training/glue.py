@@ -23,19 +23,6 @@ from ...metalora_core.training.protocol import Progress, TextConditioning
 PROGRESS_EVENT = "metalora.train_progress"
 
 
-# What ComfyUI loads each family's text encoder / VAE with, for the errors on a mismatched input.
-TEXT_ENCODERS = {
-    "flux": "the FLUX text encoders (DualCLIPLoader, type flux)",
-    "qwen_image": "Qwen2.5-VL (CLIPLoader, type qwen_image)",
-}
-# Families whose ComfyUI model honours the CONDITIONING's ``attention_mask`` when sampling (FLUX's ignores it).
-MASKED = {"qwen_image"}
-VAES = {
-    "flux": "the FLUX VAE (ae.safetensors)",
-    "qwen_image": "the Qwen-Image VAE (qwen_image_vae.safetensors)",
-}
-
-
 def text_conditioning(positive: object, dims: ModelDims | None = None) -> TextConditioning:
     """The prompt of a ComfyUI CONDITIONING (``[[tokens (1, T, D), {"pooled_output": (1, V), ...}]]``).
 
@@ -64,9 +51,9 @@ def text_conditioning(positive: object, dims: ModelDims | None = None) -> TextCo
     if dims is not None and tokens.shape[-1] != dims.context_dim:
         raise MetaLoRAError(
             f"positive input: text features are {tokens.shape[-1]} wide, this {family.label} expects "
-            f"{dims.context_dim}; encode the prompt with {TEXT_ENCODERS.get(family.name, 'its text encoder')}"
+            f"{dims.context_dim}; encode the prompt with {family.comfy_text_encoder}"
         )
-    masked = family is not None and family.name in MASKED
+    masked = family is not None and family.comfy_masks_text
     context = _unpadded(tokens[0], extra.get("attention_mask")) if masked else tokens[0]
     pooled = extra.get("pooled_output")
     if pooled is not None and dims is not None and not dims.vec_dim:
@@ -109,7 +96,7 @@ def check_vae_latents(latents: torch.Tensor, latent_dimensions: int, dims: Model
         raise MetaLoRAError(
             f"vae input: this VAE encodes an image as latents of shape {shape}; {family.label} needs "
             f"{dims.in_channels}-channel {'single-frame video ' if latent_dimensions == 3 else ''}latents: "
-            f"connect {VAES.get(family.name, 'the VAE of this model')}"
+            f"connect {family.comfy_vae}"
         )
 
 
