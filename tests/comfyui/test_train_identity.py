@@ -16,6 +16,7 @@ import torch
 
 from tests.comfyui.graphs import TINY_COND, loaders, probe, probe_output, sampler, saved_latent
 from tests.comfyui.harness import node
+from tests.comfyui.train.helpers import TRAIN_SETTINGS
 
 
 def _tag(name: str) -> str:
@@ -35,18 +36,7 @@ def train(steps: int, resolution: int = 256, seed: int = 0) -> dict:
             positive=["cond", 0],
             image=["photo", 0],
             lomd=["lomd", 0],
-            steps=steps,
-            lr_mid=1e-3,
-            lr_up=1e-3,
-            rank_mid=0,
-            seed=seed,
-            resolution=resolution,
-            bucketing=True,
-            views=2,
-            augmentation=0.5,
-            schedule="constant",
-            warmup_steps=0,
-            gradient_checkpointing=True,
+            **{**TRAIN_SETTINGS, "steps": steps, "seed": seed, "resolution": resolution},
         ),
     }
 

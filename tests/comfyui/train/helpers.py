@@ -13,6 +13,22 @@ from metalora_core.adapter import IdentityHead
 from metalora_core.formats import IdentityAdapter
 from metalora_core.inject import heads_to_adapter, make_heads
 
+# Train Identity's settings in the tests that run it (in process and on the server): fast, and every
+# option away from its default where that exercises more (checkpointing, augmentation, bucketing)
+TRAIN_SETTINGS = dict(
+    lr_mid=1e-3,
+    lr_up=1e-3,
+    rank_mid=0,
+    seed=0,
+    resolution=256,
+    bucketing=True,
+    views=2,
+    augmentation=0.5,
+    schedule="constant",
+    warmup_steps=0,
+    gradient_checkpointing=True,
+)
+
 TINY_QWEN_CONFIG = {
     "image_model": "qwen_image",
     "num_layers": 2,

@@ -16,6 +16,7 @@ import torch
 from metalora_core.adapter import AdapterShape
 from metalora_core.dev.random_assets import random_lomd
 from metalora_core.formats import IdentityAdapter
+from tests.comfyui.train.helpers import TRAIN_SETTINGS
 from tests.comfyui.workflows import PERSONALIZE
 
 
@@ -77,23 +78,8 @@ def inputs(tiny_bfl):
     }
 
 
-SETTINGS = dict(
-    lr_mid=1e-3,
-    lr_up=1e-3,
-    rank_mid=0,
-    seed=0,
-    resolution=256,
-    bucketing=True,
-    views=2,
-    augmentation=0.5,
-    schedule="constant",
-    warmup_steps=0,
-    gradient_checkpointing=True,
-)
-
-
 def _run(node, model, inputs, steps=3, **overrides):
-    settings = {**SETTINGS, "steps": steps, **overrides}
+    settings = {**TRAIN_SETTINGS, "steps": steps, **overrides}
     with torch.inference_mode():  # how ComfyUI's executor calls every node
         return node.execute(model=model, **inputs, **settings)
 

@@ -15,8 +15,7 @@ from metalora_core.errors import MetaLoRAError
 from metalora_core.formats import IdentityAdapter, export_lora
 from metalora_core.lomd.seeded import seeded_lomd
 from metalora_core.targets import resolve_targets
-from tests.comfyui.train.helpers import load_qwen, random_identity
-from tests.comfyui.train.test_node_inprocess import SETTINGS as FLUX_SETTINGS
+from tests.comfyui.train.helpers import TRAIN_SETTINGS, load_qwen, random_identity
 from tests.comfyui.train.test_node_inprocess import PatchVAE
 
 
@@ -93,7 +92,7 @@ def _inputs(lomd) -> dict:
 
 
 # more than 4 views: batched through a video VAE, they would become 2 frames of one clip
-SETTINGS = {**FLUX_SETTINGS, "views": 5}
+SETTINGS = {**TRAIN_SETTINGS, "views": 5}
 
 
 def _train(node, model, lomd, steps=2, **overrides):
