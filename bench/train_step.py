@@ -448,6 +448,24 @@ def proxy(args) -> int:
     return 0
 
 
+def thin_slice(args, dims, label: str = "") -> dict:
+    """The default comparison (float32, no checkpointing, variants a-d unless asked) on a thin slice."""
+    rows, _ = run_config(
+        dims,
+        args.image_tokens,
+        args.text_tokens,
+        args.device,
+        torch.float32,
+        args.warmup,
+        args.iters,
+        False,
+        args.variants or "abcd",
+        label=label,
+        profile=args.profile,
+    )
+    return rows
+
+
 def qwen_image(args) -> int:
     """Floor / Meta-LoRA / (delta-W) / peft LoRA on a thin slice of Qwen-Image at its real width."""
     real = args.hidden == 3072
@@ -468,19 +486,7 @@ def qwen_image(args) -> int:
         f"{args.image_tokens} image + {args.text_tokens} text tokens, float32, "
         f"{len(targets)} attn_mlp target layers"
     )
-    rows, _ = run_config(
-        dims,
-        args.image_tokens,
-        args.text_tokens,
-        args.device,
-        torch.float32,
-        args.warmup,
-        args.iters,
-        False,
-        args.variants or "abcd",
-        label=f"{family.label} ({family.name}), {dims.depth} blocks ",
-        profile=args.profile,
-    )
+    rows = thin_slice(args, dims, label=f"{family.label} ({family.name}), {dims.depth} blocks ")
     if "a" in rows and "b" in rows:
         print(f"ratio {family.name}_meta_over_floor {rows['b'][1] / rows['a'][1]:.3f}")
     return 0
@@ -579,18 +585,7 @@ def main(argv=None) -> int:
         print(
             f"hidden {dims.hidden}, {heads} heads, 1 double + 1 single block, {args.image_tokens} image + {args.text_tokens} text tokens, float32"
         )
-        rows, _ = run_config(
-            dims,
-            args.image_tokens,
-            args.text_tokens,
-            args.device,
-            torch.float32,
-            args.warmup,
-            args.iters,
-            False,
-            args.variants or "abcd",
-            profile=args.profile,
-        )
+        rows = thin_slice(args, dims)
     if "a" in rows and "e" in rows:
         print(f"ratio graph_over_floor {rows['e'][1] / rows['a'][1]:.3f}")
     if "a" in rows and "b" in rows:
