@@ -18,7 +18,7 @@ import torch
 
 from .adapter import AdapterShape, fold_to_lora
 from .errors import FingerprintMismatch, MetaLoRAError
-from .models import family_named, family_of, family_of_targets, family_placing
+from .models import ModelFamily, family_named, family_of, family_of_targets, family_placing
 from .safeio import fingerprint, load_tensors, save_tensors
 from .targets import FluxDims, diffusers_pieces, kohya_name
 
@@ -466,6 +466,11 @@ def fold_identity(
 LORA_FORMATS = ("kohya", "diffusers")
 
 
+def _layers_family(layers: Mapping[str, object], dims) -> ModelFamily:
+    """The family of the model's sizes, or (no sizes given) of the layers' canonical names."""
+    return family_of(dims) if dims is not None else family_of_targets(layers)
+
+
 def lora_tensors(
     layers: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
     fmt: str = "kohya",
@@ -485,8 +490,8 @@ def lora_tensors(
             tensors[f"{prefix}.lora_down.weight"] = down.to(dtype).contiguous()
             tensors[f"{prefix}.alpha"] = torch.tensor(float(down.shape[0]), dtype=dtype)
     elif fmt == "diffusers":
+        family = _layers_family(layers, dims)
         for name, (up, down) in layers.items():
-            family = family_of(dims) if dims is not None else family_of_targets([name])
             pieces = diffusers_pieces(name, dims or family.dims_for_lora(up.shape[0], 0))
             if len(pieces) > 1 and dims is None:
                 raise MetaLoRAError(
@@ -514,7 +519,7 @@ def save_lora(
     if not layers:
         raise MetaLoRAError(f"refusing to write {path}: no layer left to save")
     rank = max(int(down.shape[0]) for _, down in layers.values())
-    family = family_of(dims) if dims is not None else family_of_targets(layers)
+    family = _layers_family(layers, dims)
     meta = {
         "format": f"lora.{fmt}",
         "ss_network_module": family.kohya_network_module if fmt == "kohya" else "",
